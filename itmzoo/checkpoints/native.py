@@ -1,0 +1,88 @@
+"""Native checkpoint directories: ``config.json`` + ``model.safetensors`` (no pickle anywhere)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_dir
+from .safe import CheckpointError
+
+FORMAT = "itmzoo-native/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    seen: dict[int, str] = {}
+    for k, v in model.state_dict().items():
+        # safetensors refuses shared storage (tied weights): store a copy of each alias
+        key = v.untyped_storage().data_ptr() if v.numel() else -1
+        state[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
+        if key != -1:
+            seen[key] = k
+    return state
+
+
+def save_pretrained(model: Any, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a native checkpoint directory atomically and return its path."""
+    from .. import __version__
+
+    if getattr(model, "registry_name", None) is None:
+        raise CheckpointError(
+            "save_pretrained needs a model made by itmzoo.build() (it records the registry name); "
+            f"got a {type(model).__name__} without one"
+        )
+    meta = {
+        "format": FORMAT,
+        "model": model.registry_name,
+        "itmzoo_version": __version__,
+        "config": model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config),
+    }
+    if extra:
+        meta["extra"] = dict(extra)
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        save_file(_contiguous_state(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return directory
+
+
+def read_native_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"native checkpoint directory not found: {directory}")
+    if not cfg_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{directory} is not an itmzoo checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} inside"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT or "model" not in meta or "config" not in meta:
+        raise CheckpointError(f"{cfg_path}: not an {FORMAT} config (keys: {sorted(meta)})")
+    return meta
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
+                    **overrides: Any) -> torch.nn.Module:
+    """Build the model a native directory describes and load its weights strictly."""
+    from ..api import _instantiate
+
+    meta = read_native_config(directory)
+    cfg = {**meta["config"], **{k: v for k, v in overrides.items() if v is not None}}
+    model = _instantiate(meta["model"], cfg)
+    state = load_file(str(Path(directory) / WEIGHTS_FILE))
+    from .safe import load_state_strict
+
+    load_state_strict(model, state, source=str(directory))
+    if device is not None:
+        model.to(device)
+    return model.eval()

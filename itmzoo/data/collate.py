@@ -1,0 +1,132 @@
+"""Turning items into model batches: padding regions, stacking pixels, tokenising captions."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .split import RetrievalSplit, load_pil
+
+__all__ = [
+    "CaptionDataset",
+    "ImageDataset",
+    "PairDataset",
+    "collate_images",
+    "eval_loaders",
+    "pad_sequences",
+    "train_loader",
+]
+
+
+def pad_sequences(seqs: Sequence[torch.Tensor], pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D/2-D tensors along dim 0 into ``[B, Lmax, ...]``; returns (padded, lengths)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0, *seqs[0].shape[1:]), pad_value,
+                     dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, lengths
+
+
+def collate_images(images: Sequence[torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Regions ``[R_i, D]`` -> zero-padded ``regions`` + ``region_lengths``; pixels -> stacked ``pixels``."""
+    if kind == "regions":
+        regions, lengths = pad_sequences(images, 0.0)
+        return {"regions": regions, "region_lengths": lengths}
+    if kind == "pixels":
+        return {"pixels": torch.stack(list(images))}
+    raise ValueError(f"unknown input kind {kind!r}")
+
+
+def _load(split: RetrievalSplit, i: int) -> Any:
+    item = split.images[i]
+    if split.kind == "regions":
+        arr = np.asarray(item, dtype=np.float32)
+        if arr.ndim != 2:
+            raise ValueError(f"split '{split.name}': image {i} has region features of shape {arr.shape}, expected [R, D]")
+        return arr
+    return load_pil(item)
+
+
+def _check_kind(split: RetrievalSplit, model: Any) -> None:
+    if split.kind != model.input_kind:
+        raise ValueError(f"model {type(model).__name__} takes {model.input_kind} but split '{split.name}' holds {split.kind}")
+
+
+class ImageDataset(Dataset):
+    """Each unique image once, transformed for evaluation."""
+
+    def __init__(self, split: RetrievalSplit, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(_load(self.split, i))
+
+
+class CaptionDataset(Dataset):
+    def __init__(self, split: RetrievalSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_captions
+
+    def __getitem__(self, j: int) -> str:
+        return self.split.captions[j]
+
+
+class PairDataset(Dataset):
+    """One item per caption: (transformed image, caption, image index) for training."""
+
+    def __init__(self, split: RetrievalSplit, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return self.split.num_captions
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, str, int]:
+        i = int(self.split.caption_to_image[j])
+        return self.transform(_load(self.split, i)), self.split.captions[j], i
+
+
+class PairCollate:
+    """Picklable collate for worker processes: images via the model's collate, text via its tokenizer."""
+
+    def __init__(self, model: Any, train: bool) -> None:
+        self.kind = model.input_kind
+        self.collate_images = model.collate_images
+        self.tokenizer = model.tokenizer
+        self.train = train
+
+    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> dict[str, torch.Tensor]:
+        images, caps, idx = zip(*items)
+        batch = dict(self.collate_images(list(images)))
+        batch.update(self.tokenizer(list(caps), train=self.train))
+        batch["image_index"] = torch.tensor(idx, dtype=torch.long)
+        return batch
+
+
+def train_loader(split: RetrievalSplit, model: Any, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
+                 drop_last: bool = True, generator: torch.Generator | None = None, sampler: Any = None) -> DataLoader:
+    """Shuffled caption-indexed pairs with the model's training transforms and tokenizer."""
+    _check_kind(split, model)
+    ds = PairDataset(split, model.image_transform_for(True))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+                      num_workers=num_workers, collate_fn=PairCollate(model, train=True), drop_last=drop_last,
+                      generator=generator, persistent_workers=num_workers > 0)
+
+
+def eval_loaders(split: RetrievalSplit, model: Any, batch_size: int = 128, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Loaders of unique images and of all captions, in split order, with evaluation transforms."""
+    _check_kind(split, model)
+    images = DataLoader(ImageDataset(split, model.image_transform_for(False)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=model.collate_images)
+    tok = model.tokenizer
+    captions = DataLoader(CaptionDataset(split), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          collate_fn=lambda caps: tok(list(caps), train=False))
+    return images, captions

@@ -1,0 +1,110 @@
+"""The data contract: one retrieval split = images, captions and `caption_to_image`."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+__all__ = ["RetrievalSplit", "load_pil"]
+
+
+@dataclasses.dataclass
+class RetrievalSplit:
+    """Images (region features or pixel sources), captions, and the image index of each caption.
+
+    * ``kind="regions"``: ``images[i]`` is a float array ``[R, D]`` (a row of a memory-mapped
+      ``(N, R, D)`` array works).
+    * ``kind="pixels"``: ``images[i]`` is a PIL image, a path, or encoded bytes (see `load_pil`).
+
+    Any number of captions per image is allowed (COCO has 5-7); every image needs at least one.
+    """
+
+    images: Sequence[Any]
+    captions: list[str]
+    caption_to_image: np.ndarray
+    kind: Literal["regions", "pixels"] = "regions"
+    name: str = ""
+    image_ids: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.caption_to_image = np.asarray(self.caption_to_image, dtype=np.int64)
+        if self.kind not in ("regions", "pixels"):
+            raise ValueError(f"split kind must be 'regions' or 'pixels', got {self.kind!r}")
+        n_img, n_cap = len(self.images), len(self.captions)
+        where = f"split '{self.name}'" if self.name else "split"
+        if self.caption_to_image.shape != (n_cap,):
+            raise ValueError(f"{where}: caption_to_image has shape {self.caption_to_image.shape}, expected ({n_cap},) "
+                             "(one image index per caption)")
+        if n_cap and (self.caption_to_image.min() < 0 or self.caption_to_image.max() >= n_img):
+            raise ValueError(f"{where}: caption_to_image refers to images outside [0, {n_img})")
+        if n_img and n_cap:
+            counts = np.bincount(self.caption_to_image, minlength=n_img)
+            if (counts == 0).any():
+                raise ValueError(f"{where}: images without captions, e.g. {np.flatnonzero(counts == 0)[:5].tolist()}")
+        if self.image_ids is not None and len(self.image_ids) != n_img:
+            raise ValueError(f"{where}: {len(self.image_ids)} image ids for {n_img} images")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def captions_per_image(self) -> np.ndarray:
+        return np.bincount(self.caption_to_image, minlength=self.num_images)
+
+    def subset(self, image_indices: Sequence[int] | np.ndarray, name: str | None = None) -> "RetrievalSplit":
+        """The split restricted to `image_indices` (in that order) and their captions, in caption order."""
+        idx = np.asarray(image_indices, dtype=np.int64)
+        remap = np.full(self.num_images, -1, dtype=np.int64)
+        remap[idx] = np.arange(len(idx))
+        keep = np.flatnonzero(remap[self.caption_to_image] >= 0)
+        images = _take(self.images, idx)
+        return RetrievalSplit(
+            images=images,
+            captions=[self.captions[j] for j in keep],
+            caption_to_image=remap[self.caption_to_image[keep]],
+            kind=self.kind,
+            name=name if name is not None else self.name,
+            image_ids=[self.image_ids[i] for i in idx] if self.image_ids is not None else None,
+        )
+
+    def __repr__(self) -> str:
+        return (f"RetrievalSplit(name={self.name!r}, kind={self.kind!r}, images={self.num_images}, "
+                f"captions={self.num_captions})")
+
+
+def _take(images: Sequence[Any], idx: np.ndarray) -> Sequence[Any]:
+    if isinstance(images, np.ndarray):
+        if len(idx) and np.all(np.diff(idx) == 1):
+            return images[idx[0]: idx[-1] + 1]  # keeps a memmap a memmap
+        return images[idx]
+    return [images[int(i)] for i in idx]
+
+
+def load_pil(source: Any):
+    """A PIL RGB image from a PIL image, a path or encoded bytes, with a clear error if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(source))).convert("RGB")
+        if isinstance(source, (str, Path)):
+            p = Path(source)
+            if not p.is_file():
+                raise FileNotFoundError(f"image file not found: {p}")
+            with Image.open(p) as im:
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot decode image {source if not isinstance(source, (bytes, bytearray, memoryview)) else '<bytes>'}: {e}") from e
+    raise TypeError(f"cannot read an image from {type(source).__name__}; expected a PIL image, a path or bytes")

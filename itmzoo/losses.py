@@ -1,0 +1,62 @@
+"""Losses shared by the methods: normalisation helpers and the VSE++ hinge (triplet) loss family."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["contrastive_loss", "hinge_costs", "hinge_triplet_loss", "l1norm", "l2norm", "positive_mask"]
+
+
+def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """``x / (||x|| + eps)``: the VSE/SCAN normalisation (eps added to the norm, not clamped)."""
+    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+
+
+def l1norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
+
+
+def positive_mask(n: int, image_index: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean ``[n, n]`` mask of positive pairs: the diagonal, or every same-image pair."""
+    if image_index is None:
+        return torch.eye(n, dtype=torch.bool, device=device)
+    return image_index[:, None] == image_index[None, :]
+
+
+def hinge_costs(scores: torch.Tensor, margin: float, pos_mask: torch.Tensor | None = None,
+                d_row: torch.Tensor | None = None, d_col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cost_s, cost_im)`` of a square score matrix (rows: images, columns: captions).
+
+    ``cost_s[i, j] = max(0, m + S_ij - d_row_i)`` (image i is the anchor, caption retrieval) and
+    ``cost_im[i, j] = max(0, m + S_ij - d_col_j)`` (caption j is the anchor, image retrieval); the
+    positive scores default to the diagonal. Positives are zeroed after the clamp, as upstream.
+    """
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"hinge loss needs a square score matrix, got {tuple(scores.shape)}")
+    diag = scores.diag()
+    d_row = diag if d_row is None else d_row
+    d_col = diag if d_col is None else d_col
+    cost_s = (margin + scores - d_row.view(-1, 1)).clamp(min=0)
+    cost_im = (margin + scores - d_col.view(1, -1)).clamp(min=0)
+    if pos_mask is None:
+        pos_mask = positive_mask(scores.shape[0], device=scores.device)
+    cost_s = cost_s.masked_fill(pos_mask, 0)
+    cost_im = cost_im.masked_fill(pos_mask, 0)
+    return cost_s, cost_im
+
+
+def hinge_triplet_loss(scores: torch.Tensor, margin: float = 0.2, max_violation: bool = True,
+                       pos_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """VSE++ loss, summed over the batch: hardest negative (`max_violation`) or all negatives."""
+    cost_s, cost_im = hinge_costs(scores, margin, pos_mask)
+    if max_violation:
+        return cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()
+    return cost_s.sum() + cost_im.sum()
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP ITC) on L2-normalised embeddings."""
+    logits = logit_scale * image_emb @ text_emb.t()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

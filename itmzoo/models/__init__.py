@@ -1,0 +1,1 @@
+"""Model families, one module each; imported lazily through the registry."""
