@@ -12,6 +12,7 @@ import argparse
 import fnmatch
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -32,10 +33,13 @@ def read_pickled_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = D
         raise CheckpointError(f"checkpoint file not found: {path}")
     allowed = list(allowed_globals)
     last_err: Exception | None = None
-    for encoding in ("utf-8", "latin1"):  # Python-2 era files (SCAN, LHSC) need latin1
+    for encoding in (None, "latin1"):  # Python-2 era files (SCAN, LHSC) need latin1
         try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location="cpu", weights_only=True, encoding=encoding)
+            with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+                # torch warns that load args are for weights_only=False, yet passes `encoding` on
+                warnings.filterwarnings("ignore", message="pickle_load_args")
+                kw = {"encoding": encoding} if encoding else {}
+                return torch.load(path, map_location="cpu", weights_only=True, **kw)
         except pickle.UnpicklingError as e:
             msg = str(e)
             m = re.search(r"GLOBAL ([\w\.]+)", msg) or re.search(r"Unsupported global: ([^\s]+)", msg)

@@ -10,7 +10,9 @@ Definitions follow VSE++ / SCAN / VSE-infinity (`i2t`, `t2i` in their `evaluatio
 
 Ranks are counts of gallery items scoring strictly higher ("optimistic" ties; upstream's order among
 equal scores comes from numpy's unstable sort and cannot be reproduced). On tie-free matrices this
-equals the reference exactly. ``tie_mode="pessimistic"`` counts equal scores as ranked above.
+equals the reference exactly. ``tie_mode="pessimistic"`` ranks gallery items that tie with the
+positive above it (for i2t: negatives tying with the best ground-truth caption; other ground-truth
+captions never count against an image).
 """
 
 from __future__ import annotations
