@@ -54,12 +54,19 @@ def _check(sims: torch.Tensor, caption_to_image: torch.Tensor) -> None:
     if n_cap and torch.bincount(caption_to_image, minlength=n_img).min() == 0:
         missing = torch.nonzero(torch.bincount(caption_to_image, minlength=n_img) == 0).flatten()[:5].tolist()
         raise ValueError(f"every image needs at least one caption; images without one include {missing}")
-    if not torch.isfinite(sims).all():
-        bad = torch.nonzero(~torch.isfinite(sims))[:3].tolist()
-        raise ValueError(
-            f"similarity matrix has non-finite values (NaN/inf), e.g. at [image, caption] {bad}; "
-            "upstream's argsort would rank a NaN first, so itmzoo refuses to score it"
-        )
+
+
+def _check_finite(block: torch.Tensor, row_offset: int) -> None:
+    # a row sum is finite when every entry is (NaN and inf propagate); only a failing block, or one
+    # whose finite values overflow the sum, pays for the element-wise test
+    if torch.isfinite(block.sum(1)).all() or torch.isfinite(block).all():
+        return
+    bad = torch.nonzero(~torch.isfinite(block))[:3]
+    bad[:, 0] += row_offset
+    raise ValueError(
+        f"similarity matrix has non-finite values (NaN/inf), e.g. at [image, caption] {bad.tolist()}; "
+        "upstream's argsort would rank a NaN first, so itmzoo refuses to score it"
+    )
 
 
 @torch.no_grad()
@@ -67,11 +74,12 @@ def retrieval_ranks(
     sims: torch.Tensor | np.ndarray,
     caption_to_image: torch.Tensor | np.ndarray | Sequence[int],
     tie_mode: TieMode = "optimistic",
-    chunk: int = 256,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks ``(i2t[n_images], t2i[n_captions])`` of a ``[n_images, n_captions]`` score matrix.
 
-    Works for any number of captions per image. Memory beyond `sims` is bounded by `chunk` rows.
+    Works for any number of captions per image. Memory beyond `sims` is bounded by `chunk` rows
+    (by default, about 1 MB of scores per block on CPU and 256 MB on CUDA).
     """
     if tie_mode not in ("optimistic", "pessimistic"):
         raise ValueError(f"tie_mode must be 'optimistic' or 'pessimistic', got {tie_mode!r}")
@@ -88,26 +96,33 @@ def retrieval_ranks(
     best = torch.full((n_img,), -math.inf, dtype=S.dtype, device=S.device)
     best.scatter_reduce_(0, c2i, pos, reduce="amax")
 
+    # One pass over row blocks that fit in cache: each block gives its images' i2t ranks and adds its
+    # rows' votes to every caption's t2i rank. The matrix is read once, in memory order.
+    if chunk is None:
+        budget = (1 << 28) if S.device.type == "cuda" else (1 << 20)
+        chunk = max(1, budget // max(1, n_cap * S.element_size()))
     i2t = torch.empty(n_img, dtype=torch.long, device=S.device)
+    t2i = torch.zeros(n_cap, dtype=torch.int32, device=S.device)
+    buf = torch.empty(min(chunk, n_img), n_cap, dtype=torch.bool, device=S.device)
     for a in range(0, n_img, chunk):
         block = S[a:a + chunk]
-        b = best[a:a + chunk, None]
+        _check_finite(block, a)
+        hit = buf[: block.shape[0]]
         if tie_mode == "optimistic":
-            i2t[a:a + chunk] = (block > b).sum(1)
+            torch.gt(block, pos, out=hit)
+            t2i += hit.sum(0, dtype=torch.int32)
+            torch.gt(block, best[a:a + chunk, None], out=hit)
         else:
-            # captions tying with the best GT caption count as ranked above it, except GT ones
+            torch.ge(block, pos, out=hit)
+            t2i += hit.sum(0, dtype=torch.int32)
+            # negatives tying with the best positive count as ranked above it; positives never do
             is_gt = c2i[None, :] == torch.arange(a, a + block.shape[0], device=S.device)[:, None]
-            i2t[a:a + chunk] = ((block > b) | ((block == b) & ~is_gt)).sum(1)
-
-    t2i = torch.zeros(n_cap, dtype=torch.long, device=S.device)
-    col_chunk = max(1, chunk * 16)
-    for a in range(0, n_cap, col_chunk):
-        block = S[:, a:a + col_chunk]
-        p = pos[a:a + col_chunk][None, :]
-        if tie_mode == "optimistic":
-            t2i[a:a + col_chunk] = (block > p).sum(0)
-        else:
-            t2i[a:a + col_chunk] = (block >= p).sum(0) - 1  # minus the caption's own image
+            torch.ge(block, best[a:a + chunk, None], out=hit)
+            hit &= ~is_gt
+        i2t[a:a + chunk] = torch.count_nonzero(hit, dim=1)
+    if tie_mode == "pessimistic":
+        t2i -= 1  # each caption's own image was counted by >=
+    t2i = t2i.long()
     return i2t, t2i
 
 
