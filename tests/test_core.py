@@ -235,3 +235,24 @@ def test_cli_list_and_info():
     assert out.split() == ["lhsc"]
     err = subprocess.run([sys.executable, "-m", "itmzoo.cli", "info", "nope_model"], capture_output=True, text=True)
     assert err.returncode != 0 and "unknown model 'nope_model'" in err.stderr and "Traceback" not in err.stderr
+
+
+@pytest.mark.cuda
+def test_cuda_evaluation_with_and_without_autocast_agrees():
+    split = tiny_split(n_img=20)
+    m = itmzoo.build("toy_vse", img_dim=16, embed_size=8)
+    cpu = evaluate(m, split, "full", progress=False)
+    m.to("cuda")
+    fp32 = evaluate(m, split, "full", device="cuda", progress=False)
+    bf16 = evaluate(m, split, "full", device="cuda", amp="bf16", progress=False)
+    assert fp32["rsum"] == pytest.approx(cpu["rsum"])
+    assert abs(bf16["rsum"] - cpu["rsum"]) < 60  # a few near-ties may flip in bf16
+
+
+@pytest.mark.cuda
+def test_cuda_recall_ranks_equal_cpu():
+    S = torch.randn(300, 1500, dtype=torch.float64)
+    c2i = torch.arange(1500) // 5
+    a = [r.cpu() for r in itmzoo.eval.retrieval_ranks(S.cuda(), c2i.cuda())]
+    b = itmzoo.eval.retrieval_ranks(S, c2i)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
