@@ -1,6 +1,6 @@
 """Recall on the COCO-5K-sized matrix: itmzoo's vectorised ranks vs the reference per-query loop.
 
-The reference loop is a faithful re-statement of VSE-infinity's `i2t`/`t2i` (argsort per query).
+The reference loop (`itmzoo.eval.reference`) restates VSE-infinity's `i2t`/`t2i` (argsort per query).
 Both run in the same process on the same matrix (specs/protocol.md §8: seed 2021, n 5000, mu 3.0),
 and the script checks that the ranks are identical before reporting the speed ratio.
 
@@ -17,25 +17,7 @@ import numpy as np
 import torch
 
 from itmzoo.eval import retrieval_ranks
-
-
-def reference_ranks(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    npts = sims.shape[0]
-    i2t = np.zeros(npts)
-    for i in range(npts):
-        inds = np.argsort(sims[i])[::-1]
-        rank = 1e20
-        for j in range(5 * i, 5 * i + 5):
-            tmp = np.where(inds == j)[0][0]
-            rank = min(rank, tmp)
-        i2t[i] = rank
-    t2i = np.zeros(5 * npts)
-    st = sims.T
-    for i in range(npts):
-        for k in range(5):
-            inds = np.argsort(st[5 * i + k])[::-1]
-            t2i[5 * i + k] = np.where(inds == i)[0][0]
-    return i2t, t2i
+from itmzoo.eval.reference import reference_ranks
 
 
 def main() -> None:

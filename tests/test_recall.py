@@ -4,22 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from itmzoo.eval.reference import reference_ranks
 from itmzoo.eval import ensemble_similarity, metrics_from_sims, recall_metrics, retrieval_ranks
 
 
 def reference_i2t_t2i(sims: np.ndarray):
-    """Independent re-statement of the reference loops (argsort per query, 5 captions per image)."""
-    npts = sims.shape[0]
-    r_i2t = np.zeros(npts)
-    for i in range(npts):
-        order = np.argsort(sims[i])[::-1]
-        r_i2t[i] = min(np.where(order == j)[0][0] for j in range(5 * i, 5 * i + 5))
-    r_t2i = np.zeros(5 * npts)
-    st = sims.T
-    for i in range(npts):
-        for k in range(5):
-            order = np.argsort(st[5 * i + k])[::-1]
-            r_t2i[5 * i + k] = np.where(order == i)[0][0]
+    r_i2t, r_t2i = reference_ranks(sims)
 
     def summary(r):
         return [100.0 * len(np.where(r < k)[0]) / len(r) for k in (1, 5, 10)] + [np.floor(np.median(r)) + 1, r.mean() + 1]
