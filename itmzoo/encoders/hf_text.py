@@ -1,9 +1,8 @@
-"""Hugging Face text transformers (BERT, RoBERTa) built offline from a config dict.
+"""Hugging Face text transformers (BERT, RoBERTa) built offline, and their tokenizers.
 
-* `build_hf_text_model(config)`: the architecture from a plain dict (``{"model_type": "bert", ...}``),
-  random weights, no network. Configs of the usual backbones are constants here (`BERT_BASE_UNCASED`).
-* `load_hf_pretrained(model, source)`: fills it from a local folder or a hub id, only when asked, and
-  checks that every tensor fits (no silent partial loads).
+* `build_hf_text_model(arch, overrides)`: the architecture written down in
+  `itmzoo.encoders.backbones` (no network), random weights; pretrained weights are loaded only when a
+  config asks (`backbones.load_pretrained_weights`).
 * `load_hf_tokenizer(source)` and `WordPieceSplitter`: BERT's *basic* tokenisation followed by WordPiece
   per word, which the VSE-infinity family augments word by word. transformers 5 removed
   ``BertTokenizer.basic_tokenizer``; the fast tokenizer's normalizer + pre-tokenizer + WordPiece model
@@ -17,70 +16,29 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["BERT_BASE_UNCASED", "HFTextError", "WordPieceSplitter", "build_hf_text_model", "load_hf_pretrained",
-           "load_hf_tokenizer"]
-
-#: bert-base-uncased's architecture (the values of its hub config.json)
-BERT_BASE_UNCASED: dict[str, Any] = {
-    "model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
-    "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 512, "type_vocab_size": 2,
-    "layer_norm_eps": 1e-12, "pad_token_id": 0,
-}
-
-#: state-dict keys that differ between transformers versions (persistent buffers in old ones)
-VERSION_DEPENDENT_KEYS = ("*embeddings.position_ids", "*embeddings.token_type_ids")
+__all__ = ["HFTextError", "WordPieceSplitter", "build_hf_text_model", "load_hf_tokenizer"]
 
 
 class HFTextError(RuntimeError):
-    """A text backbone cannot be built, loaded or does not fit its config."""
+    """A text backbone or tokenizer cannot be built or loaded."""
 
 
-def build_hf_text_model(config: Mapping[str, Any]) -> torch.nn.Module:
-    """A randomly initialised transformers model (with pooler, as ``AutoModel``) from a config dict."""
-    from transformers import AutoConfig, AutoModel
+def build_hf_text_model(arch: str = "bert-base-uncased", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """A randomly initialised transformers text model (with pooler, as ``AutoModel``), offline.
 
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
-    if model_type is None:
-        raise HFTextError(f"text backbone config needs a 'model_type' (e.g. 'bert'), got keys {sorted(config)}")
-    try:
-        hf_cfg = AutoConfig.for_model(model_type, **cfg)
-    except ValueError as e:
-        raise HFTextError(f"cannot build a {model_type!r} config: {e}") from e
-    return AutoModel.from_config(hf_cfg)
+    `arch` names an architecture of `itmzoo.encoders.backbones.ARCHITECTURES`; `overrides` change its
+    fields (tests use tiny sizes). Pretrained weights: `backbones.load_pretrained_weights`.
+    """
+    from transformers import AutoModel
+
+    from .backbones import hf_config
+
+    return AutoModel.from_config(hf_config(arch, overrides))
 
 
 def _local(source: str) -> Path | None:
     p = Path(source).expanduser()
     return p if p.exists() else None
-
-
-def load_hf_pretrained(model: torch.nn.Module, source: str) -> None:
-    """Copy pretrained weights from `source` (local folder or hub id) into `model`, all tensors or none."""
-    from transformers import AutoModel
-
-    local = _local(source)
-    try:
-        pretrained = AutoModel.from_pretrained(str(local) if local else source,
-                                               **({"local_files_only": True} if local else {}))
-    except OSError as e:
-        raise HFTextError(
-            f"cannot load pretrained text weights from {source!r}: not a local folder and the hub is unreachable or "
-            f"the id is unknown ({type(e).__name__}). Download it once and pass the folder, or set the config's "
-            "pretrained field to None for random weights."
-        ) from e
-    import fnmatch
-
-    own, theirs = model.state_dict(), pretrained.state_dict()
-    skip = lambda k: any(fnmatch.fnmatchcase(k, p) for p in VERSION_DEPENDENT_KEYS)  # noqa: E731
-    missing = sorted(k for k in own if k not in theirs and not skip(k))
-    unexpected = sorted(k for k in theirs if k not in own and not skip(k))
-    shapes = sorted(k for k in own if k in theirs and own[k].shape != theirs[k].shape)
-    if missing or unexpected or shapes:
-        raise HFTextError(f"{source!r} does not fit the configured text backbone: missing {missing[:6]}, "
-                          f"unexpected {unexpected[:6]}, shape mismatches {shapes[:6]}")
-    model.load_state_dict({k: v for k, v in theirs.items() if k in own}, strict=False)
 
 
 def load_hf_tokenizer(source: str) -> Any:

@@ -32,8 +32,8 @@ from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.vocab import Vocab, word_tokenize
 from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
-from ..encoders.hf_text import BERT_BASE_UNCASED, WordPieceSplitter, build_hf_text_model, load_hf_pretrained, \
-    load_hf_tokenizer
+from ..encoders.backbones import load_pretrained_weights
+from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
 from ..encoders.regions import RegionFeatureEncoder, region_mask, xavier_linear_
 from ..losses import hinge_costs, l2norm
 from ..registry import Tag, register_model
@@ -104,19 +104,20 @@ class ESABiGRUConfig(ESAConfig):
 class ESABertConfig(ESAConfig):
     """ESA with the BERT text encoder (``ESA_BERT``)."""
 
-    # Overrides on top of bert-base-uncased's architecture (empty = bert-base-uncased itself).
-    bert_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bert_arch: str = "bert-base-uncased"  # architecture (itmzoo.encoders.backbones.ARCHITECTURES)
+    bert_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of its fields
     pretrained: str | None = "bert-base-uncased"  # hub id or local folder, loaded by init_pretrained()
     tokenizer: str = "bert-base-uncased"  # hub id or local folder of the tokenizer
     bert_lr_mult: float = 0.1  # BERT trains at lr x 0.1 (upstream)
 
     def validate(self) -> None:
         super().validate()
-        if "model_type" in self.bert_config and self.bert_config["model_type"] != "bert":
-            raise ConfigError(f"esa_bert needs a BERT text backbone, got model_type={self.bert_config['model_type']!r}")
+        from ..encoders.backbones import ARCHITECTURES
 
-    def full_bert_config(self) -> dict[str, Any]:
-        return {**BERT_BASE_UNCASED, **self.bert_config}
+        if ARCHITECTURES.get(self.bert_arch, {}).get("model_type") != "bert":
+            raise ConfigError(f"esa_bert needs a BERT architecture, got bert_arch={self.bert_arch!r}")
+        if "model_type" in self.bert_config:
+            raise ConfigError("esa_bert: bert_config overrides fields of bert_arch; it cannot change model_type")
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -193,15 +194,15 @@ class ESATextBert(nn.Module):
 
     def __init__(self, config: ESABertConfig) -> None:
         super().__init__()
-        bert_cfg = config.full_bert_config()
-        self.bert = build_hf_text_model(bert_cfg)
+        self.bert = build_hf_text_model(config.bert_arch, config.bert_config)
         # upstream hard-codes 768 (bert-base); the configured hidden size is the same there
-        self.linear = nn.Linear(bert_cfg["hidden_size"], config.embed_size)
+        self.linear = nn.Linear(self.bert.config.hidden_size, config.embed_size)
         self.linear1 = nn.Linear(config.embed_size, config.embed_size)
         self.dropout = nn.Dropout(config.text_dropout)
         xavier_linear_(self.linear)
         xavier_linear_(self.linear1)
-        self.pad_token_id = int(bert_cfg.get("pad_token_id", 0))
+        pad = self.bert.config.pad_token_id
+        self.pad_token_id = 0 if pad is None else int(pad)
         self.no_txtnorm = config.no_txtnorm
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -464,7 +465,7 @@ class ESA(ITMModel):
         cfg = self.config
         if self.text_backbone == "bert":
             if cfg.pretrained:
-                load_hf_pretrained(self.txt_enc.bert, cfg.pretrained)
+                load_pretrained_weights(self.txt_enc.bert, cfg.pretrained)
             return
         if cfg.glove_path:
             self.init_glove(cfg.glove_path)
