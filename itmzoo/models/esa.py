@@ -168,8 +168,14 @@ class ESAImageEncoder(RegionFeatureEncoder):
                 raise ValueError(f"view_keep must be [B, n_views, R] = {(B, n_views, R)}, got {tuple(view_keep.shape)}")
             views = []
             for k in range(n_views):
-                keep = view_keep[:, k]
-                views.append(esa_pool(feats, logits, keep if valid is None else keep & valid))
+                keep = view_keep[:, k] if valid is None else view_keep[:, k] & valid
+                # A view that drops every region pools to 0 upstream, and l2norm's sqrt(0) then gives NaN
+                # gradients. It has probability 0.2^36 with BUTD features; with few regions it is common,
+                # so such a view keeps all (valid) regions instead.
+                empty = ~keep.any(dim=1, keepdim=True)
+                if bool(empty.any()):
+                    keep = torch.where(empty, valid if valid is not None else torch.ones_like(keep), keep)
+                views.append(esa_pool(feats, logits, keep))
             out = torch.stack(views, 1).reshape(B * n_views, -1)
         return out if self.no_imgnorm else l2norm(out, dim=-1)
 
