@@ -1,0 +1,1 @@
+"""Shared building blocks: cross attention, graph reasoning, pooling."""
