@@ -535,3 +535,16 @@ def test_learns_on_synthetic_concepts(tmp_path):
     after = evaluate(model, test, "full", progress=False)["rsum"]
     # chance on 40 images with 5 captions each is about 175
     assert after > 350 and after > before + 200, (before, after)
+
+
+@pytest.mark.parametrize("name", ["esa_bigru_f30k", "esa_bigru_coco", "esa_bert_f30k", "esa_bert_coco"])
+def test_paper_configs_are_valid(name):
+    from itmzoo.config import load_run_config
+    from itmzoo.registry import resolve_config
+
+    run = load_run_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    model = dict(run["model"])
+    entry, cfg = resolve_config(model.pop("name"), model)
+    assert entry.name == name.rsplit("_", 1)[0]
+    assert cfg.embed_size == 1024 and cfg.margin == 0.2 and cfg.vse_mean_warmup_epochs == 1
+    assert run["train"]["lr"] == 5e-4 and run["train"]["batch_size"] == 128 and run["train"]["epochs"] == 25
