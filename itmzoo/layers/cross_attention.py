@@ -30,18 +30,23 @@ def scan_t2i_attention(query: torch.Tensor, context: torch.Tensor, smooth: float
 
 
 def t2i_attention_packed(regions: torch.Tensor, words: torch.Tensor, onehot: torch.Tensor, seg: torch.Tensor,
-                         smooth: float, eps: float = 1e-8, region_mask: torch.Tensor | None = None) -> torch.Tensor:
+                         smooth: float, eps: float = 1e-8, region_mask: torch.Tensor | None = None,
+                         scores_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Attention of every packed word over the regions of every image: ``α [Ni, T, R]``.
 
     ``regions [Ni, R, D]``; ``words [T, D]`` are the real words of several captions, packed (no pads);
     ``seg [T]`` gives each word's caption and ``onehot [T, n]`` is ``one_hot(seg)`` (its matrix product
     sums the squared scores over each caption's words for the clipped l2norm). ``region_mask [Ni, R]``
-    (True = real) excludes padded regions from the softmax. The result is a transposed view of a
-    ``[Ni, R, T]`` tensor, which batched products read without a copy.
+    (True = real) excludes padded regions from the softmax. `scores_dtype` (e.g. bf16) computes the
+    scores product in that precision; the rest runs in the inputs' dtype. The result is a transposed
+    view of a ``[Ni, R, T]`` tensor, which batched products read without a copy.
     """
     ni, r, d = regions.shape
     t = words.shape[0]
-    s = torch.mm(regions.reshape(ni * r, d), words.t())                 # [Ni*R, T]
+    if scores_dtype is None:
+        s = torch.mm(regions.reshape(ni * r, d), words.t())             # [Ni*R, T]
+    else:
+        s = torch.mm(regions.reshape(ni * r, d).to(scores_dtype), words.t().to(scores_dtype)).to(regions.dtype)
     if torch.is_grad_enabled():
         s = F.leaky_relu(s, 0.1)
         norm = torch.mm(s * s, onehot).sqrt() + eps                     # [Ni*R, n] over each caption's words
@@ -59,7 +64,8 @@ def t2i_attention_packed(regions: torch.Tensor, words: torch.Tensor, onehot: tor
 def region_gram(regions: torch.Tensor) -> torch.Tensor:
     """``V Vᵀ [Ni, R, R]`` in float32 at least (it feeds a norm); compute once per block of images."""
     v = regions if regions.dtype in (torch.float32, torch.float64) else regions.float()
-    return torch.bmm(v, v.transpose(1, 2))
+    with torch.autocast(v.device.type, enabled=False):
+        return torch.bmm(v, v.transpose(1, 2))
 
 
 def context_scale(regions: torch.Tensor, attn: torch.Tensor, eps: float = 1e-8,
@@ -71,7 +77,8 @@ def context_scale(regions: torch.Tensor, attn: torch.Tensor, eps: float = 1e-8,
     """
     gram = region_gram(regions) if gram is None else gram
     a = attn if attn.dtype == gram.dtype else attn.to(gram.dtype)
-    n2 = (torch.bmm(a, gram) * a).sum(-1).clamp(min=0)               # [Ni, T]
+    with torch.autocast(a.device.type, enabled=False):
+        n2 = (torch.bmm(a, gram) * a).sum(-1).clamp(min=0)           # [Ni, T]
     return (1.0 / (n2.sqrt() + eps)).to(attn.dtype)
 
 

@@ -73,13 +73,16 @@ class LHSCConfig(ModelConfig):
     same_image_positives: bool = False     # upstream: only the diagonal is positive
     text_padding: Literal["batch", "masked"] = "batch"
     eval_text_batch_size: int = 100        # caption block size of the reference evaluation (P2)
-    sim_group_tokens: int = 256            # words of one caption group per scoring step
-    sim_tile_rows: int = 512               # image x word rows of the [rows, embed] intermediate (CPU)
+    sim_group_tokens: int = 512            # words of one caption group per scoring step (CPU)
+    sim_group_tokens_cuda: int = 4096      # same on CUDA
+    sim_tile_rows: int = 512               # image x word rows of the [rows, embed] intermediate per CPU thread
     sim_tile_rows_cuda: int = 262144       # same on CUDA, where big tiles keep the GPU busy
+    lowp_attention_scores: bool = False    # under autocast, also the region-word scores in bf16/fp16
 
     def validate(self) -> None:
         for f in ("vocab_size", "img_dim", "word_dim", "embed_size", "sim_dim", "num_regions", "num_layers",
-                  "eval_text_batch_size", "sim_group_tokens", "sim_tile_rows", "sim_tile_rows_cuda"):
+                  "eval_text_batch_size", "sim_group_tokens", "sim_group_tokens_cuda", "sim_tile_rows",
+                  "sim_tile_rows_cuda"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"lhsc: {f} must be positive, got {getattr(self, f)}")
         for f in ("gcn_layers", "text_attn_layers"):
@@ -384,13 +387,20 @@ class LHSC(ITMModel):
         regions, img_glo = image_feats["regions"], image_feats["global"]
         tokens, mask, txt_glo = text_feats["tokens"], text_feats["mask"].bool(), text_feats["global"]
         lengths = mask.sum(1)
-        groups = _caption_groups(lengths, self.config.sim_group_tokens)
-        gram = region_gram(regions)
-        cols = [self._score_group(regions, gram, img_glo, tokens[a:b], mask[a:b], txt_glo[a:b]) for a, b in groups]
+        c = self.config
+        groups = _caption_groups(lengths, c.sim_group_tokens_cuda if tokens.is_cuda else c.sim_group_tokens)
+        # under autocast (bf16/fp16) only the large products run in low precision (the embed -> sim_dim
+        # projections and the attention scores); differences that cancel, norms, softmaxes and SAF stay fp32
+        lowp = _autocast_dtype(regions.device)
+        with torch.autocast(regions.device.type, enabled=False):
+            regions, img_glo, tokens, txt_glo = regions.float(), img_glo.float(), tokens.float(), txt_glo.float()
+            gram = region_gram(regions)
+            cols = [self._score_group(regions, gram, img_glo, tokens[a:b], mask[a:b], txt_glo[a:b], lowp)
+                    for a, b in groups]
         return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
 
     def _score_group(self, regions: torch.Tensor, gram: torch.Tensor, img_glo: torch.Tensor, tokens: torch.Tensor,
-                     mask: torch.Tensor, txt_glo: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, txt_glo: torch.Tensor, lowp: torch.dtype | None = None) -> torch.Tensor:
         sim = self.sim_enc
         ni, _, d = regions.shape
         nc = tokens.shape[0]
@@ -400,9 +410,10 @@ class LHSC(ITMModel):
         words = tokens.reshape(-1, d).index_select(0, real)                          # [T, D] packed words
         seg = real // tokens.shape[1]                                                # caption of each word
         onehot = F.one_hot(seg, nc).to(words.dtype)                                  # [T, nc]
-        attn = t2i_attention_packed(regions, words, onehot, seg, self.config.smooth)  # [Ni, T, R]
+        attn = t2i_attention_packed(regions, words, onehot, seg, self.config.smooth,
+                                    scores_dtype=lowp if self.config.lowp_attention_scores else None)  # [Ni, T, R]
         attn = attn * context_scale(regions, attn, gram=gram)[..., None]            # folds l2norm of a_t
-        loc, glo = self._similarity_vectors(regions, attn, words, img_glo, txt_glo)   # [Ni, T, s], [Ni, nc, s]
+        loc, glo = self._similarity_vectors(regions, attn, words, img_glo, txt_glo, lowp)  # [Ni,T,s], [Ni,nc,s]
         # SAF: gate logits, BN, sigmoid, L1 over (global + words) of each pair, weighted sum
         saf = sim.cal_sim_base_atten
         e_loc = saf.attn_sim_w(loc).squeeze(-1)                                      # [Ni, T]
@@ -419,7 +430,8 @@ class LHSC(ITMModel):
         return torch.sigmoid(sim.sim_eval_w(u)).squeeze(-1)
 
     def _similarity_vectors(self, regions: torch.Tensor, attn: torch.Tensor, words: torch.Tensor,
-                            img_glo: torch.Tensor, txt_glo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                            img_glo: torch.Tensor, txt_glo: torch.Tensor,
+                            lowp: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised similarity vectors: local ``[Ni, T, s]`` and global ``[Ni, nc, s]``.
 
         local = ``l2norm(sim_tranloc_w((a_t - w_t)²))`` for every image and packed word (``attn`` already
@@ -430,25 +442,41 @@ class LHSC(ITMModel):
         """
         loc_w, glo_w = self.sim_enc.sim_tranloc_w, self.sim_enc.sim_tranglo_w
         if torch.is_grad_enabled():
-            loc = loc_w((torch.bmm(attn, regions) - words) ** 2)
-            glo = glo_w((img_glo[:, None, :] - txt_glo[None, :, :]) ** 2)
+            def proj(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+                if lowp is None:
+                    return lin(x)
+                return F.linear(x.to(lowp), lin.weight.to(lowp), lin.bias.to(lowp)).float()
+
+            loc = proj(loc_w, (torch.bmm(attn, regions) - words) ** 2)
+            glo = proj(glo_w, (img_glo[:, None, :] - txt_glo[None, :, :]) ** 2)
             return l2norm(loc, dim=-1), l2norm(glo, dim=-1)
         ni, t = attn.shape[0], attn.shape[1]
         nc, s_dim = txt_glo.shape[0], loc_w.out_features
-        rows = self.config.sim_tile_rows_cuda if regions.is_cuda else self.config.sim_tile_rows
+        # CPU: ~2 MB of [rows, embed] per thread stays in L2; CUDA: large tiles fill the device
+        rows = (self.config.sim_tile_rows_cuda if regions.is_cuda
+                else self.config.sim_tile_rows * max(1, torch.get_num_threads()))
         step = max(1, rows // max(t, 1))
-        loc = regions.new_empty(ni, t, s_dim)
-        glo = regions.new_empty(ni, nc, s_dim)
-        loc_wt, glo_wt = loc_w.weight.t(), glo_w.weight.t()
+        loc = regions.new_empty(ni, t, s_dim, dtype=torch.float32)
+        glo = regions.new_empty(ni, nc, s_dim, dtype=torch.float32)
+        # `lowp`: the projections run in that dtype (bf16/fp16 autocast); a_t - w_t and the norms stay fp32
+        cast = (lambda x: x) if lowp is None else (lambda x: x.to(lowp))
+        loc_wt, glo_wt = cast(loc_w.weight).t(), cast(glo_w.weight).t()
+        loc_b, glo_b = cast(loc_w.bias), cast(glo_w.bias)
         buf = regions.new_empty(min(step, ni), t, regions.shape[-1])  # reused: no allocation per tile
         for i in range(0, ni, step):
             j = min(i + step, ni)
             r = torch.bmm(attn[i:j], regions[i:j], out=buf[: j - i])
             r.sub_(words).square_()
-            torch.addmm(loc_w.bias, r.view(-1, r.shape[-1]), loc_wt, out=loc[i:j].view(-1, s_dim))
+            if lowp is None:
+                torch.addmm(loc_b, r.view(-1, r.shape[-1]), loc_wt, out=loc[i:j].view(-1, s_dim))
+            else:
+                loc[i:j] = torch.addmm(loc_b, cast(r.view(-1, r.shape[-1])), loc_wt).view(j - i, t, s_dim)
         # the global pairs are one row per pair (1/L of the local work): one product for the group
-        g = torch.sub(img_glo[:, None, :], txt_glo[None, :, :])
-        torch.addmm(glo_w.bias, g.square_().view(-1, g.shape[-1]), glo_wt, out=glo.view(-1, s_dim))
+        g = torch.sub(img_glo[:, None, :], txt_glo[None, :, :]).square_().view(-1, regions.shape[-1])
+        if lowp is None:
+            torch.addmm(glo_b, g, glo_wt, out=glo.view(-1, s_dim))
+        else:
+            glo.view(-1, s_dim).copy_(torch.addmm(glo_b, cast(g), glo_wt))
         # l2norm in place: x / (||x|| + eps), eps outside the root as upstream
         loc.div_(torch.linalg.vector_norm(loc, dim=-1, keepdim=True).add_(1e-8))
         glo.div_(torch.linalg.vector_norm(glo, dim=-1, keepdim=True).add_(1e-8))
@@ -462,6 +490,13 @@ class LHSC(ITMModel):
             pos = positive_mask(scores.shape[0], batch["image_index"], scores.device)
         loss = hinge_triplet_loss(scores, self.config.margin, self.config.max_violation, pos_mask=pos)
         return {"loss": loss}
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The active autocast dtype on `device`'s type, or None."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def _caption_groups(lengths: torch.Tensor, max_tokens: int) -> list[tuple[int, int]]:
