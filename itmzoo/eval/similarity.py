@@ -50,6 +50,9 @@ def encode_split(model: torch.nn.Module, split: Any, batch_size: int = 128, devi
     model.eval()
     try:
         images, captions = eval_loaders(split, model, batch_size=batch_size, num_workers=num_workers)
+        text_bs = getattr(model, "eval_text_batch_size", None)
+        if text_bs:  # features that depend on batch padding (LHSC): encode captions as the reference did
+            _, captions = eval_loaders(split, model, batch_size=text_bs, num_workers=num_workers)
         img = _encode(model.encode_image, images, device, amp, keep_on, "encode images", progress)
         txt = _encode(model.encode_text, captions, device, amp, keep_on, "encode captions", progress)
     finally:
