@@ -101,6 +101,32 @@ def test_parity_eval_embeddings_and_similarity(fx, ckpt):
 
 
 @torch.no_grad()
+def test_parity_through_tokenizer_and_evaluator(fx, ckpt, tmp_path):
+    """Captions as text through the SCAN-vocab tokenizer and `encode_split`: the evaluator encodes them in
+    the model's `eval_text_batch_size` blocks, which reproduces the reference's block padding."""
+    from itmzoo.data.split import RetrievalSplit
+    from itmzoo.data.vocab import Vocab
+    from itmzoo.eval.similarity import encode_split
+
+    meta, z = fx
+    vocab = Vocab([f"w{i}" for i in range(4, 30)])              # ids 4..29; 3 is <unk>
+    vocab.save(tmp_path / "vocab.json")
+    words = {i: f"w{i}" for i in range(4, 30)} | {3: "neverseen"}
+    caps = [" ".join(words[int(i)] for i in row[1:n - 1]) for row, n in zip(z["captions"], z["lengths"])]
+    split = RetrievalSplit(images=list(z["images"]), captions=caps, caption_to_image=np.arange(40) // 5)
+    model = itmzoo.build("lhsc", checkpoint=str(ckpt), vocab_path=str(tmp_path / "vocab.json"),
+                         eval_text_batch_size=meta["eval_batch_size"])
+    img, txt = encode_split(model, split, batch_size=64, progress=False)
+    sims = similarity_matrix(model, img, txt, block=(3, 7), progress=False).double()
+    torch.testing.assert_close(sims, torch.from_numpy(z["eval_sims"]), atol=TOL, rtol=0)
+    # one batch of 40 captions pads everything to 14 words: not the reference numbers
+    model.config.eval_text_batch_size = 64
+    _, txt64 = encode_split(model, split, batch_size=64, progress=False)
+    assert not torch.allclose(similarity_matrix(model, img, txt64, progress=False).double(),
+                              torch.from_numpy(z["eval_sims"]), atol=1e-3)
+
+
+@torch.no_grad()
 def test_parity_masked_equals_encoding_alone(fx, ckpt):
     _, z = fx
     model = itmzoo.build("lhsc", checkpoint=str(ckpt), text_padding="masked")
