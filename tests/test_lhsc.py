@@ -381,3 +381,21 @@ def test_learns_synthetic_concepts():
         opt.step()
     after = r1()
     assert after >= 0.4 and after > before + 0.3, (before, after)
+
+
+def test_tokenizer_checks_vocabulary(tmp_path):
+    from itmzoo.data.vocab import Vocab
+
+    vocab = Vocab(["a", "dog", "runs"])
+    vocab.save(tmp_path / "v.json")
+    model = _tiny(vocab_size=7, vocab_path=str(tmp_path / "v.json"))
+    out = model.tokenizer(["A dog runs", "a cat"])
+    assert out["input_ids"].tolist() == [[1, 4, 5, 6, 2], [1, 4, 3, 2, 0]]
+    assert out["lengths"].tolist() == [5, 4]
+    with pytest.raises(ValueError, match="vocab_size=8"):
+        _tiny(vocab_size=8, vocab_path=str(tmp_path / "v.json")).tokenizer(["a"])
+    with pytest.raises(ValueError, match="checksum"):
+        _tiny(vocab_size=7, vocab_path=str(tmp_path / "v.json"), vocab_sha256="0" * 64).tokenizer(["a"])
+    with pytest.raises(ValueError, match="vocab_path"):
+        _tiny().tokenizer(["a"])
+    assert itmzoo.model_info("lhsc.f30k")["config"]["vocab_size"] == 8481

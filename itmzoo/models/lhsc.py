@@ -53,6 +53,7 @@ class LHSCConfig(ModelConfig):
 
     vocab_size: int = 8481                 # f30k SCAN vocab; coco: 11353
     vocab_path: str | None = None          # SCAN vocab json used by the tokenizer
+    vocab_sha256: str | None = None        # checksum of its id table (`Vocab.sha256`), checked when given
     img_dim: int = 2048
     word_dim: int = 300
     embed_size: int = 1024
@@ -284,21 +285,32 @@ def _saf_bn_train(bn: nn.BatchNorm1d, e_glo: torch.Tensor, e_loc: torch.Tensor, 
 
 
 class LHSCTokenizer:
-    """SCAN vocabulary tokenizer: ``[<start>] + word ids + [<end>]``, right-padded with ``<pad>`` = 0."""
+    """SCAN vocabulary tokenizer: ``[<start>] + word ids + [<end>]``, right-padded with ``<pad>`` = 0.
 
-    def __init__(self, vocab_path: str | None) -> None:
-        self.vocab_path = vocab_path
+    The vocabulary is read on first use and checked against the model (size, optional checksum), so a
+    wrong file fails loudly instead of giving wrong word ids.
+    """
+
+    def __init__(self, vocab_path: str | None, vocab_size: int, vocab_sha256: str | None = None) -> None:
+        self.vocab_path, self.vocab_size, self.vocab_sha256 = vocab_path, vocab_size, vocab_sha256
         self._vocab = None
 
     @property
     def vocab(self):
         if self._vocab is None:
-            if self.vocab_path is None:
-                raise ValueError("lhsc: no vocabulary; set vocab_path to a SCAN vocab json "
-                                 "(e.g. f30k_precomp_vocab.json) or build one with itmzoo.data.vocab.Vocab")
+            if not self.vocab_path:
+                raise ValueError("lhsc needs its SCAN vocabulary to tokenise captions: set vocab_path, e.g. "
+                                 "itmzoo.build('lhsc.f30k', vocab_path='vocab/f30k_precomp_vocab.json')")
             from ..data.vocab import Vocab
 
-            self._vocab = Vocab.load(self.vocab_path)
+            vocab = Vocab.load(self.vocab_path)
+            if len(vocab) != self.vocab_size:
+                raise ValueError(f"{self.vocab_path} has {len(vocab)} tokens but the model has vocab_size="
+                                 f"{self.vocab_size}")
+            if self.vocab_sha256 and vocab.sha256() != self.vocab_sha256:
+                raise ValueError(f"{self.vocab_path}: vocabulary checksum {vocab.sha256()} differs from the expected "
+                                 f"{self.vocab_sha256} (a different vocabulary gives wrong word ids)")
+            self._vocab = vocab
         return self._vocab
 
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
@@ -336,7 +348,7 @@ class LHSC(ITMModel):
         self.txt_enc = EncoderText(c.vocab_size, c.word_dim, c.embed_size, c.num_layers, c.text_attn_dropout,
                                    c.embed_dropout, c.text_attn_layers, c.bi_gru, c.no_txtnorm)
         self.sim_enc = EncoderSimilarity(c.embed_size, c.sim_dim, c.num_regions, c.sa_dropout)
-        self._tokenizer = LHSCTokenizer(c.vocab_path)
+        self._tokenizer = LHSCTokenizer(c.vocab_path, c.vocab_size, c.vocab_sha256)
 
     # -- data plumbing -------------------------------------------------------------------------
     @property
@@ -582,9 +594,15 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     return inferred, state, []
 
 
+# `Vocab.sha256` of SCAN's vocab files (identical blobs in SCAN, SGRAF and LHSC: vocab/*_precomp_vocab.json)
+SCAN_VOCAB_SHA256 = {
+    "f30k": "5c5c542884188fffb3b3ed151be62b60d301d19bb50ee5c6b80cbae1328290bd",
+    "coco": "2a317734d6702f94e4d01bf348a95167cdebb14598b36abd7c18ab1437d415bc",
+}
+
 TAGS = {
     "f30k": Tag(
-        overrides={"vocab_size": 8481},
+        overrides={"vocab_size": 8481, "vocab_sha256": SCAN_VOCAB_SHA256["f30k"]},
         dataset="f30k",
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN f30k_precomp BUTD 36x2048", "vocab": "f30k_precomp_vocab.json (SCAN)",
@@ -592,7 +610,7 @@ TAGS = {
         note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
     ),
     "coco": Tag(
-        overrides={"vocab_size": 11353},
+        overrides={"vocab_size": 11353, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]},
         dataset="coco",
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN coco_precomp BUTD 36x2048", "vocab": "coco_precomp_vocab.json (SCAN)",
