@@ -74,7 +74,7 @@ class LHSCConfig(ModelConfig):
     same_image_positives: bool = False     # upstream: only the diagonal is positive
     text_padding: Literal["batch", "masked"] = "batch"
     eval_text_batch_size: int = 100        # caption block size of the reference evaluation (P2)
-    sim_group_tokens: int = 512            # words of one caption group per scoring step (CPU)
+    sim_group_tokens: int = 256            # words of one caption group per scoring step (CPU)
     sim_group_tokens_cuda: int = 4096      # same on CUDA
     sim_tile_rows: int = 512               # image x word rows of the [rows, embed] intermediate per CPU thread
     sim_tile_rows_cuda: int = 262144       # same on CUDA, where big tiles keep the GPU busy
