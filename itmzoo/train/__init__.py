@@ -1,0 +1,33 @@
+"""Training: the engine (`fit`, `Trainer`), run files (`run_training`) and distributed helpers.
+
+``itmzoo.train.distributed`` imports only torch, so a model may use `gather_features` without pulling
+in the rest; everything else is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "EvalConfig",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "fit",
+    "run_training",
+]
+
+_LAZY = {
+    "EvalConfig": "config", "TrainConfig": "config",
+    "NonFiniteLossError": "engine", "TrainResult": "engine", "Trainer": "engine", "fit": "engine",
+    "run_training": "run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'itmzoo.train' has no attribute {name!r}")

@@ -1,0 +1,190 @@
+"""Run files: ``{model, data, train, eval}`` YAML -> a trained model, DIR/config.json, metrics.json.
+
+::
+
+    model: {name: toy_vse, embed_size: 256}      # registry name + config fields (checkpoint: optional)
+    data:                                        # keys beside train/dev/test are shared by all three
+      format: synthetic
+      num_images: 1200
+      train: {split: train}
+      dev: {split: dev}
+      test: {split: test}
+    train: {epochs: 8, batch_size: 128, lr: 2.0e-4}   # itmzoo.train.TrainConfig
+    eval: {protocol: full}                            # itmzoo.train.EvalConfig
+
+`run_training` writes ``DIR/config.json`` (the resolved run file, every model field included),
+``DIR/log.jsonl``, ``DIR/last/``, ``DIR/best/`` and ``DIR/metrics.json`` (the best checkpoint scored on
+the test split, or on dev without one).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..checkpoints.atomic import write_text_atomic
+from ..config import ConfigError, config_from_dict, config_to_dict
+from .config import EvalConfig, TrainConfig
+
+__all__ = ["RunConfig", "chance_metrics", "format_metrics", "load_data", "parse_run_config", "run_training"]
+
+SECTIONS = ("model", "data", "train", "eval")
+SPLITS = ("train", "dev", "test")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model_name: str
+    model_fields: dict[str, Any]
+    model_checkpoint: str | None
+    data: dict[str, dict[str, Any]]  # split -> load_split spec (shared keys merged in)
+    train: TrainConfig
+    eval: EvalConfig
+
+
+def parse_run_config(tree: Mapping[str, Any]) -> RunConfig:
+    """Validate a run tree (from `itmzoo.config.load_run_config`) into its typed parts."""
+    unknown = set(tree) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown run-file section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+    model = dict(tree.get("model") or {})
+    name = model.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("run file: model.name is required (a registry name, e.g. toy_vse; see `itmzoo list`)")
+    checkpoint = model.pop("checkpoint", None)
+    data_tree = dict(tree.get("data") or {})
+    shared = {k: v for k, v in data_tree.items() if k not in SPLITS}
+    data: dict[str, dict[str, Any]] = {}
+    for s in SPLITS:
+        spec = data_tree.get(s)
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"run file: data.{s} must be a mapping (a load_split spec), got {spec!r}")
+        data[s] = {**copy.deepcopy(shared), **spec}
+    if "train" not in data:
+        raise ConfigError("run file: data.train is required (e.g. {format: synthetic, split: train})")
+    for s, spec in data.items():
+        if "format" not in spec:
+            raise ConfigError(f"run file: data.{s} needs a 'format' (synthetic, precomp, ...)")
+    train = config_from_dict(TrainConfig, tree.get("train") or {}, prefix="train.")
+    ev = config_from_dict(EvalConfig, tree.get("eval") or {}, prefix="eval.")
+    return RunConfig(name, model, checkpoint, data, train, ev)
+
+
+def load_data(spec: Mapping[str, Any]) -> Any:
+    """A `RetrievalSplit` from a ``{"format": ..., ...}`` spec (`itmzoo.data.load_split`)."""
+    from .. import data as data_mod
+
+    loader = getattr(data_mod, "load_split", None)
+    if loader is None:
+        raise ConfigError("this itmzoo has no data readers (itmzoo.data.load_split is missing)")
+    return loader(dict(spec))
+
+
+def chance_metrics(caption_to_image: Sequence[int] | np.ndarray) -> dict[str, float]:
+    """Expected recalls (percent) of a random ranking: what 'better than chance' is measured against."""
+    c2i = np.asarray(caption_to_image)
+    n_img, n_cap = int(c2i.max()) + 1, len(c2i)
+    counts = np.bincount(c2i, minlength=n_img)
+    out: dict[str, float] = {}
+    for k in (1, 5, 10):
+        kk = min(k, n_cap)
+        # i2t: P(at least one of an image's c captions among K random picks of n_cap)
+        miss = [math.comb(n_cap - c, kk) / math.comb(n_cap, kk) if n_cap - c >= kk else 0.0 for c in counts]
+        out[f"i2t_r{k}"] = 100.0 * (1.0 - float(np.mean(miss)))
+        out[f"t2i_r{k}"] = 100.0 * min(k, n_img) / n_img
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
+def format_metrics(m: Mapping[str, Any]) -> str:
+    """One line of the six recalls and rsum."""
+    return (f"i2t R@1 {m['i2t_r1']:.1f}  R@5 {m['i2t_r5']:.1f}  R@10 {m['i2t_r10']:.1f} | "
+            f"t2i R@1 {m['t2i_r1']:.1f}  R@5 {m['t2i_r5']:.1f}  R@10 {m['t2i_r10']:.1f} | rsum {m['rsum']:.1f}")
+
+
+def _resolved_tree(run: RunConfig, model: Any) -> dict[str, Any]:
+    model_sec = {"name": run.model_name, **config_to_dict(model.config)}
+    if run.model_checkpoint:
+        model_sec["checkpoint"] = run.model_checkpoint
+    return {"model": model_sec, "data": run.data, "train": config_to_dict(run.train), "eval": config_to_dict(run.eval)}
+
+
+def _check_same_run(old: Mapping[str, Any], new: Mapping[str, Any], path: Path) -> None:
+    from .engine import RESUMABLE_CHANGES
+
+    diffs = []
+    for sec in SECTIONS:
+        a, b = old.get(sec, {}), new.get(sec, {})
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k) and not (sec == "train" and k in RESUMABLE_CHANGES) and sec != "eval":
+                diffs.append(f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    if diffs:
+        raise ConfigError(f"--resume: the run in {path.parent} was started with a different configuration ("
+                          + "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+                          + "); resume with the same settings or choose another --out")
+
+
+def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool = False, callbacks: Sequence[Any] = (),
+                 verbose: bool = True) -> dict[str, Any]:
+    """Train the run described by `tree` into `out_dir` and return the final metrics (also in metrics.json)."""
+    import torch
+
+    from .. import api
+    from . import distributed as D
+    from .engine import Trainer, seed_everything
+
+    run = parse_run_config(tree)
+    out = Path(out_dir)
+    D.init_from_env()
+    main = D.is_main_process()
+    seed_everything(run.train.seed)  # the same initial weights on every rank and in every rerun
+    model = api.build(run.model_name, checkpoint=run.model_checkpoint, **run.model_fields)
+    splits = {s: load_data(spec) for s, spec in run.data.items() if s != "test" or main}
+    resolved = _resolved_tree(run, model)
+    cfg_path = out / "config.json"
+    if resume and cfg_path.is_file():
+        _check_same_run(json.loads(cfg_path.read_text(encoding="utf-8")), resolved, cfg_path)
+    if main:
+        write_text_atomic(cfg_path, json.dumps(resolved, indent=2))
+    t0 = time.time()
+    trainer = Trainer(model, splits["train"], run.train, splits.get("dev"), eval_config=run.eval, out_dir=out,
+                      resume=resume, callbacks=callbacks)
+    result = trainer.fit()
+    seconds = time.time() - t0
+    if not main:
+        return {}
+    name = "test" if "test" in splits else ("dev" if "dev" in splits else None)
+    if name is None:
+        if verbose:
+            print(f"trained {result.steps} steps in {seconds:.0f} s; no dev/test split to evaluate")
+        return {}
+    from ..eval import evaluate
+
+    best = out / "best"
+    final_model = api.load(best, device=trainer.device) if (best / "config.json").is_file() else model
+    split = splits[name]
+    with torch.random.fork_rng(devices=[]):
+        metrics = evaluate(final_model, split, run.eval.protocol if name == "test" else (run.eval.dev_protocol or "full"),
+                           batch_size=run.eval.batch_size, device=trainer.device, amp=run.eval.amp, progress=False)
+    chance = chance_metrics(split.caption_to_image)
+    record = {**{k: v for k, v in metrics.items() if k != "sims"}, "split": name,
+              "checkpoint": str(best) if final_model is not model else "final weights",
+              "best_epoch": result.best_epoch, "dev_best": result.best, "steps": result.steps,
+              "train_seconds": seconds, "chance": chance, "seed": run.train.seed}
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
+    if verbose:
+        print(f"{name} ({metrics['protocol']}, {metrics['n_images']} images, {metrics['n_captions']} captions): "
+              f"{format_metrics(metrics)}")
+        print(f"chance level: {format_metrics(chance)}")
+        print(f"trained {result.steps} steps in {seconds:.0f} s; wrote {out}/metrics.json, best/ (epoch "
+              f"{None if result.best_epoch is None else result.best_epoch + 1}), log.jsonl")
+    return record
