@@ -85,8 +85,24 @@ class ToyVSE(ITMModel):
         return l2norm(self.txt_fc(pooled))
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scores = self.similarity(self.encode_image(batch), self.encode_text(batch))
-        pos = batch["image_index"][:, None] == batch["image_index"][None, :] if "image_index" in batch else None
+        return self.train_loss(self.train_features(batch), batch)
+
+    # the loss split at the embeddings: lets the trainer accumulate gradients exactly (cached features)
+    def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"image": self.encode_image(batch), "text": self.encode_text(batch)}
+
+    def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hinge loss over the global batch: under DDP the embeddings of every rank are gathered."""
+        from ..train.distributed import gather_features
+
+        img, txt = gather_features(feats["image"]), gather_features(feats["text"])
+        # scores and hinge in fp32 even under autocast: near-ties decide the hardest negative
+        with torch.autocast(img.device.type, enabled=False):
+            scores = img.float() @ txt.float().t()
+        pos = None
+        if "image_index" in batch:
+            idx = gather_features(batch["image_index"])
+            pos = idx[:, None] == idx[None, :]
         loss = hinge_triplet_loss(scores, self.config.margin, max_violation=self.epoch >= self.config.warmup_epochs,
                                   pos_mask=pos)
         return {"loss": loss}
