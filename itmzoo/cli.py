@@ -1,11 +1,16 @@
-"""Command line: ``itmzoo list | info``; training, evaluation and conversion commands join here."""
+"""Command line: ``itmzoo list | info | train | eval | convert``.
+
+Errors print one line (``itmzoo <command>: error: <Type>: <message>``) and exit with status 1;
+``--debug`` (before or after the command) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -29,11 +34,132 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_out(config: str | None) -> Path:
+    return Path("runs") / (Path(config).stem if config else "run")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_run_config
+    from .train.run import run_training
+
+    tree = load_run_config(args.config, args.set or [])
+    out = Path(args.out) if args.out else _default_out(args.config)
+    if not args.resume and (out / "last").exists():
+        raise FileExistsError(f"{out} already holds a run (last/); pass --resume to continue it or --out for a new one")
+    try:
+        run_training(tree, out, resume=args.resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
+    from .config import parse_dotted
+
+    out: dict[str, Any] = {}
+    for item in items:
+        k, v = parse_dotted(item)
+        if "." in k:
+            raise ValueError(f"{what} {item!r}: give a field name of the model config, not a dotted path")
+        out[k] = v
+    return out
+
+
+def parse_data_spec(text: str) -> dict[str, Any]:
+    """``--data``: a YAML/JSON file, an inline mapping (``"{format: synthetic, split: test}"``) or
+    comma-separated ``key=value`` pairs (``format=precomp,root=data/f30k_precomp,split=test``)."""
+    import yaml
+
+    from .config import parse_dotted
+
+    p = Path(text)
+    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+        spec = yaml.safe_load(p.read_text(encoding="utf-8"))
+    elif text.lstrip().startswith("{"):
+        spec = yaml.safe_load(text)
+    else:
+        spec = dict(parse_dotted(part) for part in text.split(",") if part.strip())
+    if not isinstance(spec, dict) or "format" not in spec:
+        raise ValueError(f"--data {text!r}: expected a data spec with a 'format' key, e.g. "
+                         "'format=synthetic,split=test' or a YAML file")
+    return spec
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import api
+    from .train.run import chance_metrics, format_metrics, load_data
+
+    overrides = _parse_kv(args.set or [], "--set")
+    if args.pretrained:
+        if args.model or args.checkpoint:
+            raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
+        model = api.load(args.pretrained, **overrides)
+        source = args.pretrained
+    elif args.model:
+        if not args.checkpoint:
+            print(f"itmzoo eval: note: no --checkpoint, evaluating '{args.model}' with random weights", file=sys.stderr)
+        model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
+        source = args.checkpoint or "random weights"
+    else:
+        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    split = load_data(parse_data_spec(args.data))
+    from .eval import evaluate
+
+    metrics = evaluate(model, split, args.protocol, batch_size=args.batch_size, device=device, amp=args.amp,
+                       progress=not args.quiet)
+    metrics.pop("sims", None)
+    metrics["checkpoint"] = str(source)
+    print(f"{getattr(split, 'name', '') or 'split'} ({metrics['protocol']}, {metrics['n_images']} images, "
+          f"{metrics['n_captions']} captions): {format_metrics(metrics)}")
+    if args.chance:
+        print(f"chance level: {format_metrics(chance_metrics(split.caption_to_image))}")
+    if args.out:
+        from .checkpoints.atomic import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(metrics, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from . import __version__, api
+
+    src = Path(args.official_file)
+    if not src.is_file():
+        raise FileNotFoundError(f"official checkpoint not found: {src}")
+    model = api.build(args.name, checkpoint=src, **_parse_kv(args.set or [], "--set"))
+    extra = {"converted_from": str(src.name), "source_sha256": _sha256(src), "converter_itmzoo_version": __version__,
+             "name": args.name}
+    out = model.save_pretrained(args.out_dir, extra=extra)
+    print(f"converted {src} -> {out} ({model.registry_name}); load it with itmzoo.load('{out}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # --debug also after the command; SUPPRESS keeps the top-level value when it is not repeated
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     p = argparse.ArgumentParser(prog="itmzoo", description="Image-text matching model zoo")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
-    pl = sub.add_parser("list", help="list registered models")
+    pl = sub.add_parser("list", parents=[common], help="list registered models")
     pl.add_argument("pattern", nargs="?", default=None, help="glob, e.g. 'esa*'")
     pl.add_argument("--input-kind", dest="input_kind", choices=["regions", "pixels"])
     pl.add_argument("--scoring", choices=["embedding", "cross", "two-stage"])
@@ -41,9 +167,42 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--has-weights", action="store_true")
     pl.add_argument("--tags", action="store_true", help="list method.tag names")
     pl.set_defaults(func=_cmd_list)
-    pi = sub.add_parser("info", help="paper, upstream, capabilities and default config of a model")
+    pi = sub.add_parser("info", parents=[common], help="paper, upstream, capabilities and default config of a model")
     pi.add_argument("name")
     pi.set_defaults(func=_cmd_info)
+
+    pt = sub.add_parser("train", parents=[common], help="train from a YAML run file (see docs/training.md)",
+                        description="Train a model from a run file; writes DIR/config.json, log.jsonl, last/, "
+                                    "best/ and metrics.json. Launch with torchrun for several GPUs.")
+    pt.add_argument("config", help="YAML run file with model/data/train/eval sections")
+    pt.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="dotted override, e.g. --set train.epochs=3 --set model.embed_size=512 (repeatable)")
+    pt.add_argument("--out", help="run directory (default: runs/<config name>)")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pt.set_defaults(func=_cmd_train)
+
+    pe = sub.add_parser("eval", parents=[common], help="evaluate a model on a split under a protocol")
+    pe.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
+    pe.add_argument("--checkpoint", help="official checkpoint file or native directory for --model")
+    pe.add_argument("--pretrained", help="native directory written by save_pretrained / itmzoo train (DIR/best)")
+    pe.add_argument("--data", required=True, help="data spec: 'format=synthetic,split=test', an inline YAML "
+                                                  "mapping, or a YAML/JSON file")
+    pe.add_argument("--protocol", default="full", help="full, 5fold, f30k-1k, coco-1k-5fold, coco-5k")
+    pe.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    pe.add_argument("--out", help="write the metrics JSON here")
+    pe.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    pe.add_argument("--amp", choices=["bf16", "fp16"], help="encode under autocast (CUDA)")
+    pe.add_argument("--batch-size", dest="batch_size", type=int, default=128)
+    pe.add_argument("--chance", action="store_true", help="also print the recall of a random ranking")
+    pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pe.set_defaults(func=_cmd_eval)
+
+    pc = sub.add_parser("convert", parents=[common], help="convert an official checkpoint to a native directory")
+    pc.add_argument("name", help="registry name, e.g. lhsc or esa_bigru.f30k")
+    pc.add_argument("official_file")
+    pc.add_argument("out_dir")
+    pc.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    pc.set_defaults(func=_cmd_convert)
     return p
 
 
@@ -58,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one clear line unless --debug
         if args.debug:
             raise
-        print(f"itmzoo {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or repr(e)
+        print(f"itmzoo {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
         return 1
 
 
