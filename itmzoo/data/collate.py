@@ -13,7 +13,9 @@ from .split import RetrievalSplit, load_pil
 __all__ = [
     "CaptionDataset",
     "ImageDataset",
+    "PairCollate",
     "PairDataset",
+    "TextCollate",
     "collate_images",
     "eval_loaders",
     "pad_sequences",
@@ -24,6 +26,8 @@ __all__ = [
 def pad_sequences(seqs: Sequence[torch.Tensor], pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad 1-D/2-D tensors along dim 0 into ``[B, Lmax, ...]``; returns (padded, lengths)."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    if len(seqs) and bool((lengths == lengths[0]).all()):
+        return torch.stack(list(seqs)), lengths  # nothing to pad (eval-time regions): one copy
     out = torch.full((len(seqs), int(lengths.max()) if len(seqs) else 0, *seqs[0].shape[1:]), pad_value,
                      dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
@@ -111,6 +115,16 @@ class PairCollate:
         return batch
 
 
+class TextCollate:
+    """Picklable caption collate (a lambda cannot go to spawned worker processes)."""
+
+    def __init__(self, tokenizer: Callable[..., dict], train: bool = False) -> None:
+        self.tokenizer, self.train = tokenizer, train
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(list(captions), train=self.train)
+
+
 def train_loader(split: RetrievalSplit, model: Any, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
                  drop_last: bool = True, generator: torch.Generator | None = None, sampler: Any = None) -> DataLoader:
     """Shuffled caption-indexed pairs with the model's training transforms and tokenizer."""
@@ -126,7 +140,6 @@ def eval_loaders(split: RetrievalSplit, model: Any, batch_size: int = 128, num_w
     _check_kind(split, model)
     images = DataLoader(ImageDataset(split, model.image_transform_for(False)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=model.collate_images)
-    tok = model.tokenizer
     captions = DataLoader(CaptionDataset(split), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          collate_fn=lambda caps: tok(list(caps), train=False))
+                          collate_fn=TextCollate(model.tokenizer, train=False))
     return images, captions

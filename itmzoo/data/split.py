@@ -20,6 +20,9 @@ class RetrievalSplit:
       ``(N, R, D)`` array works).
     * ``kind="pixels"``: ``images[i]`` is a PIL image, a path, or encoded bytes (see `load_pil`).
 
+    `images` may be any sequence; one with a ``select(indices)`` method (the lazy sequences of the
+    synthetic and arrow readers) keeps its laziness through `subset`.
+
     Any number of captions per image is allowed (COCO has 5-7); every image needs at least one.
     """
 
@@ -81,6 +84,8 @@ class RetrievalSplit:
 
 
 def _take(images: Sequence[Any], idx: np.ndarray) -> Sequence[Any]:
+    if callable(getattr(images, "select", None)):
+        return images.select(idx)  # lazy sequences (synthetic, arrow) stay lazy
     if isinstance(images, np.ndarray):
         if len(idx) and np.all(np.diff(idx) == 1):
             return images[idx[0]: idx[-1] + 1]  # keeps a memmap a memmap
