@@ -221,7 +221,8 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         with open(p, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            # JSON through json: YAML 1.1 reads JSON's 1e-08 as a string
+            loaded = (json.load(f) if p.suffix == ".json" else yaml.safe_load(f)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping with model/data/train sections, got {type(loaded).__name__}")
         tree = copy.deepcopy(loaded)
