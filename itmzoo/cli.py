@@ -40,12 +40,12 @@ def _default_out(config: str | None) -> Path:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
-    from .train.run import run_training
 
     tree = load_run_config(args.config, args.set or [])
     out = Path(args.out) if args.out else _default_out(args.config)
     if not args.resume and (out / "last").exists():
         raise FileExistsError(f"{out} already holds a run (last/); pass --resume to continue it or --out for a new one")
+    from .train.run import run_training  # torch is imported only once the arguments are known to be fine
     try:
         run_training(tree, out, resume=args.resume)
     finally:
@@ -68,6 +68,21 @@ def _parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on `sep` outside brackets, so ``num_images={train: 24, dev: 8}`` stays one item."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch in "{[("
+        depth -= ch in "}])"
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
 def parse_data_spec(text: str) -> dict[str, Any]:
     """``--data``: a YAML/JSON file, an inline mapping (``"{format: synthetic, split: test}"``) or
     comma-separated ``key=value`` pairs (``format=precomp,root=data/f30k_precomp,split=test``)."""
@@ -81,7 +96,7 @@ def parse_data_spec(text: str) -> dict[str, Any]:
     elif text.lstrip().startswith("{"):
         spec = yaml.safe_load(text)
     else:
-        spec = dict(parse_dotted(part) for part in text.split(",") if part.strip())
+        spec = dict(parse_dotted(part) for part in _split_top_level(text) if part.strip())
     if not isinstance(spec, dict) or "format" not in spec:
         raise ValueError(f"--data {text!r}: expected a data spec with a 'format' key, e.g. "
                          "'format=synthetic,split=test' or a YAML file")

@@ -71,6 +71,17 @@ class SeededBatches(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def warm_up(self) -> None:
+        """Load one item once, RNG untouched: lazy imports on the first batch (nltk draws from
+        `random` when imported) then happen here, not inside the first seeded batch of one run only."""
+        saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        try:
+            self.collate([self.items[0]])
+        finally:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
+
     def __getitem__(self, key: BatchKey) -> dict[str, torch.Tensor]:
         epoch, b, idx = key
         s = _batch_seed(self.seed, epoch, b, self.rank)
@@ -103,7 +114,9 @@ def make_train_loader(split: RetrievalSplit, model: Any, micro_batch: int, *, se
         raise ValueError(f"split '{split.name}' has {len(pairs)} captions: not one batch of {micro_batch} per rank "
                          f"({world_size} rank(s)); lower train.batch_size")
     gen = torch.Generator().manual_seed(seed)  # the loader's own seed draws never touch the global stream
-    return DataLoader(SeededBatches(pairs, PairCollate(model, train=True), seed, rank), sampler=sampler,
+    batches = SeededBatches(pairs, PairCollate(model, train=True), seed, rank)
+    batches.warm_up()
+    return DataLoader(batches, sampler=sampler,
                       batch_size=None, collate_fn=_passthrough, num_workers=num_workers, pin_memory=pin_memory,
                       generator=gen, persistent_workers=num_workers > 0)
 

@@ -178,7 +178,7 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     chance = chance_metrics(split.caption_to_image)
     record = {**{k: v for k, v in metrics.items() if k != "sims"}, "split": name,
               "checkpoint": str(best) if final_model is not model else "final weights",
-              "best_epoch": result.best_epoch, "dev_best": result.best, "steps": result.steps,
+              "best_epoch": result.best_epoch, "dev_best": result.best_metric, "steps": result.steps,
               "train_seconds": seconds, "chance": chance, "seed": run.train.seed}
     write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
     if verbose:
