@@ -90,18 +90,19 @@ def test_synthetic_argument_errors():
 
 
 def test_synthetic_is_learnable_but_not_trivial():
-    """Mean-pooled regions + bag of words, hinge loss: far above chance (1 %), far from 100 %."""
+    """Mean-pooled regions + bag of words, hinge loss: far above chance, far from 100 %."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only add contention on a busy machine
     try:
-        r1 = _train_tiny_model()
+        r = _train_tiny_model()  # about 22 % t2i R@5 and 7 % R@1 on 100 test images
     finally:
         torch.set_num_threads(threads)
-    assert 5.0 < r1 < 90.0, r1
+    assert r["t2i_r5"] > 12.0 and r["t2i_r1"] > 3.0 and r["i2t_r1"] > 3.0, r  # chance: 5 % and 1 %
+    assert max(r.values()) < 90.0, r
 
 
-def _train_tiny_model() -> float:
+def _train_tiny_model() -> dict[str, float]:
     ds = SyntheticShapes({"train": 400, "test": 100}, seed=0, region_dim=256)
     tr, te = ds.split("train"), ds.split("test")
     X = torch.from_numpy(np.stack(list(tr.images))).mean(1)
@@ -130,8 +131,13 @@ def _train_tiny_model() -> float:
             opt.step()
     with torch.no_grad():
         S = torch.nn.functional.normalize(img(Xt), dim=-1) @ txt(bt["input_ids"], bt["attention_mask"]).T
-    gt = S[torch.from_numpy(te.caption_to_image), torch.arange(S.shape[1])]
-    return ((S > gt[None]).sum(0) < 1).float().mean().item() * 100
+    c2i_te = torch.from_numpy(te.caption_to_image)
+    gt = S[c2i_te, torch.arange(S.shape[1])]
+    t2i = (S > gt[None]).sum(0)  # rank of the right image for each caption
+    best = torch.full((S.shape[0],), -2.0).scatter_reduce(0, c2i_te, gt, "amax")
+    i2t = (S > best[:, None]).sum(1)  # rank of the best right caption for each image
+    return {"i2t_r1": (i2t < 1).float().mean().item() * 100, "t2i_r1": (t2i < 1).float().mean().item() * 100,
+            "t2i_r5": (t2i < 5).float().mean().item() * 100}
 
 
 # -- vocabulary and offline tokenisation ------------------------------------------------------------------

@@ -49,6 +49,8 @@ def _load(split: RetrievalSplit, i: int) -> Any:
     item = split.images[i]
     if split.kind == "regions":
         arr = np.asarray(item, dtype=np.float32)
+        if not arr.flags.writeable:  # a row of a read-only memmap: read it into memory once (torch
+            arr = arr.copy()         # warns on, and cannot safely share, non-writable arrays)
         if arr.ndim != 2:
             raise ValueError(f"split '{split.name}': image {i} has region features of shape {arr.shape}, expected [R, D]")
         return arr
