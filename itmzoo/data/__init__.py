@@ -11,9 +11,14 @@ from typing import Any
 from .split import RetrievalSplit, load_pil
 
 __all__ = [
+    "CLIPTokenizer",
     "DataError",
+    "HFTokenizer",
+    "RegionTransform",
     "RetrievalSplit",
     "SyntheticShapes",
+    "Vocab",
+    "image_transform",
     "load_pil",
     "load_split",
     "read_albef_json",
@@ -26,6 +31,11 @@ __all__ = [
 
 _LAZY = {
     "SyntheticShapes": ".synthetic",
+    "Vocab": ".vocab",
+    "image_transform": ".transforms",
+    "RegionTransform": ".transforms",
+    "HFTokenizer": ".tokenizers",
+    "CLIPTokenizer": ".tokenizers",
     "DataError": ".readers",
     "load_split": ".readers",
     "read_albef_json": ".readers",
