@@ -71,6 +71,7 @@ class LHSCConfig(ModelConfig):
     smooth: float = 9.0                    # λ of the text-to-image softmax
     margin: float = 0.2
     max_violation: bool = True
+    vse_mean_warmup_epochs: int = 0        # epochs summing all negatives before the hardest one (upstream: 0)
     same_image_positives: bool = False     # upstream: only the diagonal is positive
     text_padding: Literal["batch", "masked"] = "batch"
     eval_text_batch_size: int = 100        # caption block size of the reference evaluation (P2)
@@ -86,7 +87,7 @@ class LHSCConfig(ModelConfig):
                   "sim_tile_rows_cuda"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"lhsc: {f} must be positive, got {getattr(self, f)}")
-        for f in ("gcn_layers", "text_attn_layers"):
+        for f in ("gcn_layers", "text_attn_layers", "vse_mean_warmup_epochs"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"lhsc: {f} must be >= 0, got {getattr(self, f)}")
         if self.embed_size % 4:
@@ -495,12 +496,34 @@ class LHSC(ITMModel):
         return loc, glo
 
     # -- training ----------------------------------------------------------------------------------
+    batch_dependent_loss = True  # hardest negatives come from the whole batch
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scores = self.similarity(self.encode_image(batch), self.encode_text(batch))
+        return self.train_loss(self.train_features(batch), batch)
+
+    def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-item features; the loss below is split here so the trainer can accumulate exactly."""
+        return {"image": self.encode_image(batch), "text": self.encode_text(batch)}
+
+    def train_loss(self, feats: Mapping[str, Any], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Summed hardest-negative hinge over the global batch.
+
+        Under DDP every rank scores all images of the global batch against its own captions (so the
+        expensive scoring is divided among ranks, and the SAF BatchNorm sees each caption with every
+        image, as upstream), then the score columns are gathered into the full matrix. Outside a
+        process group both gathers are the identity.
+        """
+        from ..train.distributed import all_gather_with_grad, gather_features
+
+        images = gather_features(feats["image"])
+        cols = self.similarity(images, feats["text"])                      # [global images, local captions]
+        scores = all_gather_with_grad(cols.t().contiguous()).t()            # [global, global]
         pos = None
         if self.config.same_image_positives and "image_index" in batch:
-            pos = positive_mask(scores.shape[0], batch["image_index"], scores.device)
-        loss = hinge_triplet_loss(scores, self.config.margin, self.config.max_violation, pos_mask=pos)
+            idx = gather_features(batch["image_index"])
+            pos = positive_mask(scores.shape[0], idx, scores.device)
+        hardest = self.config.max_violation and self.epoch >= self.config.vse_mean_warmup_epochs
+        loss = hinge_triplet_loss(scores, self.config.margin, hardest, pos_mask=pos)
         return {"loss": loss}
 
 
