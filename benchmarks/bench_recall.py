@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from itmzoo.eval import retrieval_ranks
-from itmzoo.eval.reference import reference_ranks
+from itmzoo.eval.reference import reference_ranks, seeded_sims
 
 
 def main() -> None:
@@ -27,11 +27,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     n = args.n
-    rng = np.random.default_rng(2021)
-    S = rng.standard_normal((n, 5 * n))
-    idx = np.arange(n)
-    for k in range(5):
-        S[idx, 5 * idx + k] += 3.0
+    S = seeded_sims(2021, n, 3.0)
     c2i = np.arange(5 * n) // 5
 
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from itmzoo.eval.reference import reference_ranks
+from itmzoo.eval.reference import reference_ranks, seeded_sims
 from itmzoo.eval import ensemble_similarity, metrics_from_sims, recall_metrics, retrieval_ranks
 
 
@@ -17,11 +17,7 @@ def reference_i2t_t2i(sims: np.ndarray):
     return r_i2t, r_t2i, summary(r_i2t), summary(r_t2i)
 
 
-def seeded(seed, n, mu):
-    s = np.random.default_rng(seed).standard_normal((n, 5 * n))
-    for i in range(n):
-        s[i, 5 * i: 5 * i + 5] += mu
-    return s
+seeded = seeded_sims
 
 
 def as_tuple(m, d):
@@ -160,11 +156,7 @@ def test_named_protocols_check_split_size():
 @pytest.mark.slow
 def test_coco_5k_and_1k_folds_match_spec_table():
     n = 5000
-    rng = np.random.default_rng(2021)
-    S = rng.standard_normal((n, 5 * n))
-    idx = np.arange(n)
-    for k in range(5):
-        S[idx, 5 * idx + k] += 3.0
+    S = seeded_sims(2021, n, 3.0)
     c2i = np.arange(5 * n) // 5
     St = torch.from_numpy(S)
     m1 = metrics_from_sims(St, c2i, "coco-1k-5fold")

@@ -24,3 +24,12 @@ def reference_ranks(sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(st[q])[::-1]
         t2i[q] = np.flatnonzero(order == q // 5)[0]
     return i2t, t2i
+
+
+def seeded_sims(seed: int, n: int, mu: float) -> np.ndarray:
+    """The spec's seeded test matrices: ``N(0, 1)`` noise of shape ``[n, 5n]`` plus `mu` on the 5 positives."""
+    sims = np.random.default_rng(seed).standard_normal((n, 5 * n))
+    idx = np.arange(n)
+    for k in range(5):
+        sims[idx, 5 * idx + k] += mu
+    return sims

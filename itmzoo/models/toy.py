@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Mapping
+from typing import Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
+from ..data.transforms import RegionTransform
 from ..data.vocab import pad_ids, word_tokenize
 from ..losses import hinge_triplet_loss, l2norm
 from ..registry import register_model
@@ -48,10 +48,6 @@ class HashingTokenizer:
         return pad_ids(seqs, 0)
 
 
-def _regions_to_tensor(x: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x, dtype=np.float32))
-
-
 class ToyVSE(ITMModel):
     input_kind = "regions"
     scoring = "embedding"
@@ -67,8 +63,8 @@ class ToyVSE(ITMModel):
     def tokenizer(self) -> HashingTokenizer:
         return self._tokenizer
 
-    def image_transform_for(self, train: bool):
-        return _regions_to_tensor
+    def image_transform_for(self, train: bool) -> RegionTransform:
+        return RegionTransform(train=False)  # no region dropping: the demo model needs no augmentation
 
     def encode_image(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x, n = batch["regions"], batch["region_lengths"]
