@@ -325,7 +325,10 @@ class RegionsToTensor:
         self.num_regions, self.img_dim = num_regions, img_dim
 
     def __call__(self, x: Any) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        a = np.asarray(x, dtype=np.float32)
+        if not a.flags.writeable:  # a row of a read-only memmap: copy it once (torch needs writable memory)
+            a = a.copy()
+        t = torch.from_numpy(a)
         if t.dim() != 2 or t.shape[1] != self.img_dim:
             raise ValueError(f"lhsc expects region features [R, {self.img_dim}], got {tuple(t.shape)}")
         if t.shape[0] > self.num_regions:
