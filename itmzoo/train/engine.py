@@ -117,7 +117,8 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig | Mapping[str, Any] | None = None,
                  eval_data: RetrievalSplit | None = None, *, eval_config: EvalConfig | Mapping[str, Any] | None = None,
-                 out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = ()) -> None:
+                 out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
+                 verbose: bool = True) -> None:
         self.cfg = config if isinstance(config, TrainConfig) else config_from_dict(TrainConfig, config or {})
         self.eval_cfg = (eval_config if isinstance(eval_config, EvalConfig)
                          else config_from_dict(EvalConfig, eval_config or {}))
@@ -127,6 +128,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = resume
         self.callbacks = list(callbacks)
+        self.verbose = verbose  # one line per epoch on rank 0 (the tqdm bar is train.progress)
         # loop position (restored on resume)
         self.epoch = 0
         self.batch_pos = 0  # micro-batches of `epoch` already consumed
@@ -536,7 +538,7 @@ class Trainer:
         self.log.write(record)
         if self.tb is not None and "dev" in record:
             self.tb.scalars("dev", record["dev"], self.step)
-        if self.main and cfg.progress:
+        if self.main and self.verbose:
             dev = f"  dev {_fmt_metrics(record['dev'])}{' (best)' if record.get('best') else ''}" if "dev" in record else ""
             tqdm.write(f"epoch {self.epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{dev}  ({seconds:.1f} s)")
         for cb in self.callbacks:
@@ -569,6 +571,7 @@ def fit(model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig 
 
     `config` is a `TrainConfig` or a dict of its fields. Keywords: ``eval_config`` (`EvalConfig` or dict),
     ``out_dir`` (writes log.jsonl, last/ and best/ there), ``resume`` (continue from ``out_dir/last``),
-    ``callbacks`` (objects with ``on_step_end(trainer, record)`` / ``on_epoch_end(trainer, record)``).
+    ``callbacks`` (objects with ``on_step_end(trainer, record)`` / ``on_epoch_end(trainer, record)``),
+    ``verbose`` (print one line per epoch; the progress bar is ``config.progress``).
     """
     return Trainer(model, train_data, config, eval_data, **kwargs).fit()

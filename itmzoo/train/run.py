@@ -157,7 +157,7 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
         write_text_atomic(cfg_path, json.dumps(resolved, indent=2))
     t0 = time.time()
     trainer = Trainer(model, splits["train"], run.train, splits.get("dev"), eval_config=run.eval, out_dir=out,
-                      resume=resume, callbacks=callbacks)
+                      resume=resume, callbacks=callbacks, verbose=verbose)
     result = trainer.fit()
     seconds = time.time() - t0
     if not main:
