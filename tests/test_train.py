@@ -273,3 +273,14 @@ def test_cuda_amp_bf16_and_fp16_train(data):
     for amp in ("bf16", "fp16"):
         res = fit(toy(), tr, {"epochs": 1, "batch_size": 16, "amp": amp, "progress": False}, dv)
         assert res.steps == 10 and math.isfinite(res.history[-1]["train_loss"])
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(data, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    tr, _ = data
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        fit(toy(), tr, {"epochs": 1, "batch_size": 16, "tensorboard": True, "progress": False}, out_dir=tmp_path)
