@@ -436,3 +436,16 @@ def test_trains_with_the_shared_trainer(tmp_path):
     assert rsums[-1] > rsums[0] and max(rsums) > 1.8 * chance, (rsums, chance)
     again = itmzoo.load(tmp_path / "run" / "best")           # the best checkpoint is a native LHSC
     assert type(again).__name__ == "LHSC" and again.config.text_padding == "masked"
+
+
+@pytest.mark.parametrize("name", ["lhsc_f30k", "lhsc_coco", "lhsc_demo_synthetic"])
+def test_run_configs_parse(name):
+    from itmzoo.config import load_run_config
+    from itmzoo.registry import resolve_config
+    from itmzoo.train.run import parse_run_config
+
+    run = parse_run_config(load_run_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml"))
+    _, cfg = resolve_config(run.model_name, run.model_fields)
+    assert isinstance(cfg, LHSCConfig)
+    if name != "lhsc_demo_synthetic":
+        assert cfg.text_padding == "batch" and cfg.vocab_sha256 and run.train.lr == 2e-4
