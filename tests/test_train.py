@@ -156,6 +156,8 @@ def test_rng_capture_round_trip():
 def test_same_seed_same_run_and_logs(data, tmp_path):
     tr, dv = data
     cfg = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "deterministic": True, **QUIET}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "log.jsonl").write_text('{"type": "step", "loss": 1.0}\n')  # an earlier attempt's records
     r1 = fit(toy(), tr, cfg, dv, out_dir=tmp_path / "a")
     fit(toy(), tr, cfg, dv, out_dir=tmp_path / "b")
     assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")

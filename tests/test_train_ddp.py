@@ -58,6 +58,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                     "gathered": g.detach(), "x_grad": x.grad, "ints": ints}, f"{tmp}/step{rank}.pt")
         # 2. a whole run: rank 0 writes the log
         fit(_model(), _split(), TRAIN, out_dir=f"{tmp}/ddp")
+        # 3. cached-feature accumulation under DDP: 2 ranks x 2 micro-batches of 4
+        fit(_model(), _split(), {**TRAIN, "accum_steps": 2}, out_dir=f"{tmp}/ddp_accum")
     finally:
         dist.destroy_process_group()
 
@@ -94,9 +96,9 @@ def test_two_rank_run_follows_the_single_process_run(ddp_run, tmp_path):
     def losses(p: Path) -> list[float]:
         return [r["loss"] for r in map(json.loads, (p / "log.jsonl").read_text().splitlines()) if r["type"] == "step"]
 
-    a, b = losses(ddp_run / "ddp"), losses(tmp_path)
-    assert len(a) == len(b) == 2 * (24 * 5 // 16)
-    assert a == pytest.approx(b, rel=1e-5)
+    a, b, c = losses(ddp_run / "ddp"), losses(tmp_path), losses(ddp_run / "ddp_accum")
+    assert len(a) == len(b) == len(c) == 2 * (24 * 5 // 16)
+    assert a == pytest.approx(b, rel=1e-5) and c == pytest.approx(b, rel=1e-5)
     start = json.loads((ddp_run / "ddp" / "log.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2 and start["micro_batch"] == 8
     ddp_w = itmzoo.load(ddp_run / "ddp" / "last").state_dict()

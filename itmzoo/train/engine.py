@@ -241,6 +241,8 @@ class Trainer:
         self.tb = None
         try:
             resumed_from = self._maybe_resume()
+            if resumed_from is None:
+                self.log.truncate(0)  # a new run: no records of an earlier attempt in the same directory
             if self.main and cfg.tensorboard and self.out_dir is not None:
                 self.tb = TensorBoardLog(self.out_dir / "tensorboard", purge_step=self.step + 1 if resumed_from else None)
             n_train = sum(p.numel() for p in self.params)
