@@ -24,12 +24,12 @@ import random as _random
 import re
 from typing import Any, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
+from ..data.transforms import RegionTransform
 from ..data.vocab import Vocab, word_tokenize
 from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.backbones import load_pretrained_weights
@@ -355,10 +355,6 @@ class ESABertTokenizer(_AugmentingTokenizer):
         return [sp.cls_id, *out, sp.sep_id]
 
 
-def _regions_to_tensor(x: Any) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(x, dtype=np.float32))
-
-
 # ------------------------------------------------------------------------------------------------- model
 
 
@@ -420,8 +416,9 @@ class ESA(ITMModel):
         """Use a ready tokenizer (e.g. a vocabulary built in memory) instead of the config's files."""
         self._tokenizer = tokenizer
 
-    def image_transform_for(self, train: bool):
-        return _regions_to_tensor
+    def image_transform_for(self, train: bool) -> RegionTransform:
+        # ESA drops regions inside the image encoder (two views), not in the data as VSE-infinity did
+        return RegionTransform(train=False)
 
     # -- the contract -----------------------------------------------------------------------------
     def encode_image(self, batch: Mapping[str, torch.Tensor], view_keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -434,12 +431,16 @@ class ESA(ITMModel):
     def use_max_violation(self) -> bool:
         return self.config.max_violation or self.epoch >= self.config.vse_mean_warmup_epochs
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """SEL over ``hardnum`` image views x ``hardnum`` caption copies per pair.
+    # The loss depends on the whole batch (hardest positives/negatives): the trainer splits it at the
+    # embeddings for exact gradient accumulation, and the embeddings are gathered over DDP ranks.
+    batch_dependent_loss = True
 
-        Uses ``views_input_ids`` / ``views_lengths`` from the training tokenizer (the clean caption
-        repeated when absent) and optional ``region_view_keep`` ``[B, hardnum, R]`` masks. In eval
-        mode the single image embedding stands for every view.
+    def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"img", "cap"}``, each ``[B, hardnum, E]``: the image views and the caption copies of each pair.
+
+        Caption copies come from ``views_input_ids`` / ``views_lengths`` (the training tokenizer; the
+        clean caption repeated when absent); ``region_view_keep`` ``[B, hardnum, R]`` optionally fixes
+        the region masks. In eval mode the single image embedding stands for every view.
         """
         h = self.config.hardnum
         img = self.encode_image(batch, view_keep=batch.get("region_view_keep"))
@@ -450,8 +451,23 @@ class ESA(ITMModel):
         else:
             ids, lengths = batch["input_ids"].repeat_interleave(h, 0), batch["lengths"].repeat_interleave(h, 0)
         cap = self.txt_enc(ids, lengths)
-        cost_im, cost_s = sel_loss(img, cap, h, self.config.margin, self.use_max_violation())
+        B = batch["regions"].shape[0]
+        return {"img": img.reshape(B, h, -1), "cap": cap.reshape(B, h, -1)}
+
+    def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """SEL over every pair of the (global) batch; rows ``k*hardnum + a`` = view a of pair k."""
+        from ..train.distributed import gather_features
+
+        feats = gather_features(dict(feats))
+        img = feats["img"].reshape(-1, feats["img"].shape[-1])
+        cap = feats["cap"].reshape(-1, feats["cap"].shape[-1])
+        cost_im, cost_s = sel_loss(img, cap, self.config.hardnum, self.config.margin, self.use_max_violation())
         return {"loss": cost_im + cost_s, "cost_im": cost_im.detach(), "cost_s": cost_s.detach()}
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training loss: SEL over ``hardnum`` image views x ``hardnum`` caption copies per pair."""
+        return self.train_loss(self.train_features(batch), batch)
 
     # -- hooks ------------------------------------------------------------------------------------
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
