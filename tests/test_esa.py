@@ -544,3 +544,23 @@ def test_trainer_accumulation_uses_cached_features(tmp_path):
     feats = model.train().train_features({**model.collate_images([torch.zeros(5, 8)] * 2),
                                           **model.tokenizer(caps[:2], train=True)})
     assert feats["img"].shape == (2, 2, 8) and feats["cap"].shape == (2, 2, 8)
+
+
+def test_cli_convert_official_file(tmp_path, capsys):
+    import yaml
+
+    from itmzoo.cli import main
+
+    meta, z = _fixture("bert")
+    img, txt = _upstream_parts(meta)
+    path = _official_file(tmp_path, "bert", img, txt)
+    bert = {k: v for k, v in meta["bert_config"].items() if k != "model_type"}
+    rc = main(["convert", "esa_bert", str(path), str(tmp_path / "native"), "--set", "img_dim=32",
+               "--set", "embed_size=16", "--set", "pretrained=null", "--set", f"bert_config={yaml.safe_dump(bert, default_flow_style=True).strip()}"])
+    assert rc == 0, capsys.readouterr().err
+    model = itmzoo.load(tmp_path / "native")
+    with torch.no_grad():
+        cap = model.encode_text({"input_ids": _t(z["captions"]), "lengths": _t(z["lengths"])})
+    np.testing.assert_allclose(cap.numpy(), z["cap_eval"], atol=TOL, rtol=0)
+    extra = json.loads((tmp_path / "native" / "config.json").read_text())["extra"]
+    assert extra["converted_from"] == "model_best.pth" and len(extra["source_sha256"]) == 64
