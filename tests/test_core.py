@@ -257,3 +257,13 @@ def test_cuda_recall_ranks_equal_cpu():
     a = [r.cpu() for r in itmzoo.eval.retrieval_ranks(S.cuda(), c2i.cuda())]
     b = itmzoo.eval.retrieval_ranks(S, c2i)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", itmzoo.list_models())
+def test_every_registered_model_builds_offline_with_defaults(name):
+    """`build(name)` needs no network and no file: random weights from itmzoo's own architecture configs."""
+    model = itmzoo.build(name)
+    assert isinstance(model, itmzoo.models.base.ITMModel)
+    assert model.registry_name == itmzoo.registry.split_name(name)[0]
+    assert model.input_kind in ("regions", "pixels") and model.scoring in ("embedding", "cross", "two-stage")
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -106,7 +106,9 @@ class ESABertConfig(ESAConfig):
 
     bert_arch: str = "bert-base-uncased"  # architecture (itmzoo.encoders.backbones.ARCHITECTURES)
     bert_config: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of its fields
-    pretrained: str | None = "bert-base-uncased"  # hub id or local folder, loaded by init_pretrained()
+    # hub id or local folder loaded by init_pretrained(); None = random init, so build() works offline
+    # (the paper configs set bert-base-uncased)
+    pretrained: str | None = None
     tokenizer: str = "bert-base-uncased"  # hub id or local folder of the tokenizer
     bert_lr_mult: float = 0.1  # BERT trains at lr x 0.1 (upstream)
 
