@@ -77,7 +77,7 @@ class LHSCConfig(ModelConfig):
     eval_text_batch_size: int = 100        # caption block size of the reference evaluation (P2)
     sim_group_tokens: int = 256            # words of one caption group per scoring step (CPU)
     sim_group_tokens_cuda: int = 4096      # same on CUDA
-    sim_tile_rows: int = 512               # image x word rows of the [rows, embed] intermediate per CPU thread
+    sim_tile_rows: int = 1024              # image x word rows of the [rows, embed] intermediate per CPU thread
     sim_tile_rows_cuda: int = 262144       # same on CUDA, where big tiles keep the GPU busy
     lowp_attention_scores: bool = False    # under autocast, also the region-word scores in bf16/fp16
 
@@ -468,7 +468,7 @@ class LHSC(ITMModel):
             return l2norm(loc, dim=-1), l2norm(glo, dim=-1)
         ni, t = attn.shape[0], attn.shape[1]
         nc, s_dim = txt_glo.shape[0], loc_w.out_features
-        # CPU: ~2 MB of [rows, embed] per thread stays in L2; CUDA: large tiles fill the device
+        # CPU: a few MB of [rows, embed] per thread stays in L2/L3; CUDA: large tiles fill the device
         rows = (self.config.sim_tile_rows_cuda if regions.is_cuda
                 else self.config.sim_tile_rows * max(1, torch.get_num_threads()))
         step = max(1, rows // max(t, 1))
