@@ -449,3 +449,17 @@ def test_run_configs_parse(name):
     assert isinstance(cfg, LHSCConfig)
     if name != "lhsc_demo_synthetic":
         assert cfg.text_padding == "batch" and cfg.vocab_sha256 and run.train.lr == 2e-4
+
+
+@torch.no_grad()
+def test_cli_convert_then_load_native(fx, ckpt, tmp_path):
+    from itmzoo.cli import main
+
+    meta, z = fx
+    assert main(["convert", "lhsc", str(ckpt), str(tmp_path / "native")]) == 0
+    model = itmzoo.load(tmp_path / "native").eval()
+    img = model.encode_image({"regions": torch.from_numpy(z["images"])})
+    txt = _encode_text_blocks(model, z, meta["eval_batch_size"])
+    torch.testing.assert_close(model.similarity(img, txt).double(), torch.from_numpy(z["eval_sims"]), atol=TOL, rtol=0)
+    extra = json.loads((tmp_path / "native" / "config.json").read_text())["extra"]
+    assert extra["converted_from"] == ckpt.name and len(extra["source_sha256"]) == 64
