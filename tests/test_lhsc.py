@@ -163,7 +163,7 @@ def test_parity_training_step(fx, ckpt):
     assert abs(loss.item() - float(z["train_loss"])) < TOL
     loss.backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, torch.from_numpy(z[f"grad.{name}"]), atol=TOL, rtol=1e-4, msg=name)
+        torch.testing.assert_close(p.grad, torch.from_numpy(z[f"grad.{name}"]), atol=TOL, rtol=TOL, msg=name)
     for name, b in model.named_buffers():
         if "running" in name:
             torch.testing.assert_close(b, torch.from_numpy(z[f"bn_after.{name}"]), atol=TOL, rtol=1e-5, msg=name)
