@@ -123,9 +123,11 @@ class Vocab:
 def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """``input_ids`` right-padded with `pad_id`, ``attention_mask`` and ``lengths`` of token id lists."""
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    L = int(lengths.max()) if len(seqs) else 0
+    # at least one column, so an empty caption still makes a (fully padded) batch
+    L = max(1, int(lengths.max())) if len(seqs) else 1
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        if len(s):
+            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
     mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids, "attention_mask": mask, "lengths": lengths}

@@ -121,7 +121,7 @@ def load_glove(path: str | Path, words: Iterable[str] | None = None) -> dict[str
         obj = torch.load(p, map_location="cpu", weights_only=True)
         if not (isinstance(obj, (tuple, list)) and len(obj) >= 3):
             raise ValueError(f"{p}: expected torchtext's cache tuple (itos, stoi, vectors, dim)")
-        itos, stoi, vectors = obj[0], obj[1], obj[2]
+        stoi, vectors = obj[1], obj[2]
         return {w: vectors[i].numpy().astype(np.float32) for w, i in stoi.items() if keep is None or w in keep}
     out: dict[str, np.ndarray] = {}
     dim = None

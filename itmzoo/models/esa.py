@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.transforms import RegionTransform
-from ..data.vocab import Vocab, word_tokenize
+from ..data.vocab import Vocab, pad_ids, word_tokenize
 from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.backbones import load_pretrained_weights
 from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
@@ -252,18 +252,6 @@ def sel_loss(im: torch.Tensor, s: torch.Tensor, hardnum: int, margin: float = 0.
 # ---------------------------------------------------------------------------------------------- tokenizers
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``lengths`` (at least one column)."""
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    width = max(1, int(lengths.max()) if len(seqs) else 1)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    return {"input_ids": ids, "attention_mask": mask, "lengths": lengths}
-
-
 class _AugmentingTokenizer:
     """``tokenizer(captions, train=False, rng=None)``; in training it adds ``hardnum`` augmented copies.
 
@@ -288,11 +276,11 @@ class _AugmentingTokenizer:
     def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
         if isinstance(captions, str):
             captions = [captions]
-        batch = _pad([self.encode(c) for c in captions], self.pad_id)
+        batch = pad_ids([self.encode(c) for c in captions], self.pad_id)
         if train:
             rng = _random if rng is None else rng
             views = [self.augment(c, rng) for c in captions for _ in range(self.hardnum)]
-            batch.update({f"views_{k}": v for k, v in _pad(views, self.pad_id).items()})
+            batch.update({f"views_{k}": v for k, v in pad_ids(views, self.pad_id).items()})
         return batch
 
 

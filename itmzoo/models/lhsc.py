@@ -28,7 +28,6 @@ import dataclasses
 import math
 from typing import Any, Literal, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..checkpoints.safe import CheckpointError
 from ..config import ConfigError, ModelConfig
+from ..data.transforms import RegionTransform
 from ..layers.cross_attention import context_scale, region_gram, t2i_attention_packed
 from ..layers.graph import RegionRelationGCN, WordRelationAttention
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
@@ -325,11 +325,8 @@ class RegionsToTensor:
         self.num_regions, self.img_dim = num_regions, img_dim
 
     def __call__(self, x: Any) -> torch.Tensor:
-        a = np.asarray(x, dtype=np.float32)
-        if not a.flags.writeable:  # a row of a read-only memmap: copy it once (torch needs writable memory)
-            a = a.copy()
-        t = torch.from_numpy(a)
-        if t.dim() != 2 or t.shape[1] != self.img_dim:
+        t = RegionTransform(train=False)(x)
+        if t.shape[1] != self.img_dim:
             raise ValueError(f"lhsc expects region features [R, {self.img_dim}], got {tuple(t.shape)}")
         if t.shape[0] > self.num_regions:
             raise ValueError(f"lhsc is built for {self.num_regions} regions per image (VisualSA's BatchNorm), "
