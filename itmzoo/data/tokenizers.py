@@ -52,7 +52,7 @@ class HFTokenizer:
         if pad_to_max_length and max_length is None:
             raise ValueError("pad_to_max_length needs max_length")
         self.max_length, self.pad_to_max_length = max_length, pad_to_max_length
-        self.tokenizer = _load_auto_tokenizer(self.name_or_path)
+        self.tokenizer = load_auto_tokenizer(self.name_or_path)
 
     @property
     def pad_id(self) -> int:
@@ -75,7 +75,8 @@ class HFTokenizer:
         return f"HFTokenizer({self.name_or_path!r}, max_length={self.max_length})"
 
 
-def _load_auto_tokenizer(source: str) -> Any:
+def load_auto_tokenizer(source: str) -> Any:
+    """A transformers tokenizer from a local folder, the local hub cache, or the hub; clear errors offline."""
     from transformers import AutoTokenizer
 
     local = Path(source).expanduser()

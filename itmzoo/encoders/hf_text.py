@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -36,22 +35,11 @@ def build_hf_text_model(arch: str = "bert-base-uncased", overrides: Mapping[str,
     return AutoModel.from_config(hf_config(arch, overrides))
 
 
-def _local(source: str) -> Path | None:
-    p = Path(source).expanduser()
-    return p if p.exists() else None
-
-
 def load_hf_tokenizer(source: str) -> Any:
-    """A fast tokenizer from a local folder or hub id."""
-    from transformers import AutoTokenizer
+    """A fast tokenizer from a local folder or hub id (one loader for the whole package)."""
+    from ..data.tokenizers import load_auto_tokenizer
 
-    local = _local(source)
-    try:
-        return AutoTokenizer.from_pretrained(str(local) if local else source,
-                                             **({"local_files_only": True} if local else {}))
-    except OSError as e:
-        raise HFTextError(f"cannot load a tokenizer from {source!r}: not a local folder and the hub is unreachable "
-                          f"or the id is unknown ({type(e).__name__}). Pass a local folder.") from e
+    return load_auto_tokenizer(source)
 
 
 class WordPieceSplitter:
