@@ -252,9 +252,9 @@ def list_models(pattern: str | None = None, *, include_tags: bool = False, inclu
     unknown = set(capabilities) - known
     if unknown:
         raise ValueError(f"unknown capability filter(s) {sorted(unknown)}; known: {sorted(known)}")
-    if capabilities.get("has_weights") or include_tags:
-        # tags are only known once the module is imported
-        for e in list(_REGISTRY.values()):
+    want_weights = capabilities.pop("has_weights", None)
+    if want_weights is not None or include_tags:
+        for e in list(_REGISTRY.values()):  # tags are only known once the module is imported
             if e.fn is None:
                 try:
                     get_entry(e.name)
@@ -262,18 +262,16 @@ def list_models(pattern: str | None = None, *, include_tags: bool = False, inclu
                     continue
     out: list[str] = []
     for entry in _REGISTRY.values():
-        if entry.demo and not include_demo:
-            continue
         caps = entry.capabilities()
-        if any(caps[k] != v for k, v in capabilities.items() if k != "has_weights"):
+        if (entry.demo and not include_demo) or any(caps[k] != v for k, v in capabilities.items()):
+            continue
+        if want_weights is not None and entry.has_weights != want_weights:
             continue
         names = [entry.name]
-        if include_tags or capabilities.get("has_weights"):
-            names = [f"{entry.name}.{t}" for t, tg in entry.tags.items()
-                     if not capabilities.get("has_weights") or tg.source] or (
-                [] if capabilities.get("has_weights") else [entry.name])
-        elif "has_weights" in capabilities and caps["has_weights"] != capabilities["has_weights"]:
-            continue
+        if want_weights:  # the tags that carry weights
+            names = [f"{entry.name}.{t}" for t, tg in entry.tags.items() if tg.source]
+        elif include_tags and entry.tags:
+            names = [f"{entry.name}.{t}" for t in entry.tags]
         out.extend(n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern))
     return sorted(out)
 

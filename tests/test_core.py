@@ -14,7 +14,7 @@ import torch
 
 import itmzoo
 from itmzoo.checkpoints import CheckpointError, load_state_strict, read_pickled_checkpoint, strip_prefixes
-from itmzoo.config import ConfigError, apply_overrides, load_run_config
+from itmzoo.config import ConfigError, load_run_config
 from itmzoo.data import RetrievalSplit
 from itmzoo.eval import encode_split, evaluate, evaluate_ensemble, recall_metrics, similarity_matrix
 from itmzoo.registry import RegistryError, Tag, register_model
@@ -44,6 +44,9 @@ def test_list_and_filter_models():
     assert itmzoo.list_models(scoring="cross") == ["lhsc"]
     assert "lhsc" not in itmzoo.list_models("esa*")
     assert "toy_vse" not in itmzoo.list_models(include_demo=False)
+    assert itmzoo.list_models(has_weights=False) == ["toy_vse"]
+    assert {"lhsc.f30k", "esa_bigru.coco"} <= set(itmzoo.list_models(has_weights=True))
+    assert itmzoo.list_models("lhsc*", include_tags=True) == ["lhsc.coco", "lhsc.f30k"]
     with pytest.raises(ValueError, match="unknown capability"):
         itmzoo.list_models(colour="red")
 

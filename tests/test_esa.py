@@ -251,6 +251,17 @@ def _write_vocab(tmp_path: Path, words: list[str]) -> Path:
     return p
 
 
+def _augmented_rows(tok, captions, seed):
+    """Eval ids and augmented training views of each caption, drawing from one seeded stream as upstream."""
+    rng = random.Random(seed)
+    evals, trains = [], []
+    for cap in captions:
+        out = tok([cap], train=True, rng=rng)
+        evals += _rows(out)
+        trains += _rows(out, "views_")
+    return evals, trains
+
+
 def test_bigru_word_augmentation_matches_upstream(tmp_path):
     meta, z = _augment_fixture()
     vocab_path = _write_vocab(tmp_path, meta["vocab_words"])
@@ -258,12 +269,7 @@ def test_bigru_word_augmentation_matches_upstream(tmp_path):
                          vocab_path=str(vocab_path))
     tok = model.tokenizer
     assert isinstance(tok, ESAWordTokenizer) and tok.mask_id == meta["mask_id"]
-    rng = random.Random(meta["gru_seed"])
-    evals, trains = [], []
-    for cap in meta["gru_captions"]:
-        out = tok([cap], train=True, rng=rng)
-        evals += _rows(out)
-        trains += _rows(out, "views_")
+    evals, trains = _augmented_rows(tok, meta["gru_captions"], meta["gru_seed"])
     assert evals == _ragged(z, "gru_eval")
     assert trains == _ragged(z, "gru_train")
 
@@ -277,12 +283,7 @@ def test_bert_word_augmentation_matches_upstream():
                                           intermediate_size=37))
     tok = model.tokenizer
     assert isinstance(tok, ESABertTokenizer)
-    rng = random.Random(meta["bert_seed"])
-    evals, trains = [], []
-    for cap in meta["bert_captions"]:
-        out = tok([cap], train=True, rng=rng)
-        evals += _rows(out)
-        trains += _rows(out, "views_")
+    evals, trains = _augmented_rows(tok, meta["bert_captions"], meta["bert_seed"])
     assert evals == _ragged(z, "bert_eval")
     assert trains == _ragged(z, "bert_train")
 

@@ -20,7 +20,7 @@ from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.config import ConfigError
 from itmzoo.eval.similarity import similarity_matrix
 from itmzoo.layers.cross_attention import scan_t2i_attention, t2i_attention_packed, context_scale
-from itmzoo.models.base import cat_features, slice_features
+from itmzoo.models.base import cat_features
 from itmzoo.models.lhsc import LHSCConfig, convert_official
 
 from parity_utils import filled_state_dict, load_npz
