@@ -10,6 +10,7 @@ import torch
 
 import itmzoo
 from itmzoo.data import SyntheticShapes
+from itmzoo.data.collate import collate_images
 from itmzoo.eval import encode_split, similarity_matrix
 from itmzoo.train import fit
 from itmzoo.train.run import chance_metrics, format_metrics
@@ -41,7 +42,7 @@ print(model.config)
 # A batch is a dict: region features + lengths for images, token ids + masks for captions.
 
 # %%
-images = model.collate_images([model.image_transform(test.images[i]) for i in range(3)])
+images = collate_images([model.image_transform(test.images[i]) for i in range(3)], model.input_kind)
 texts = model.tokenizer(test.captions[:15])
 model.eval()
 with torch.no_grad():

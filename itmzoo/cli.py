@@ -154,7 +154,8 @@ def _sha256(path: str | Path) -> str:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from . import __version__, api
+    from . import api
+    from ._version import __version__
 
     src = Path(args.official_file)
     if not src.is_file():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from itmzoo.data import RetrievalSplit, SyntheticShapes, load_pil
-from itmzoo.data.collate import TextCollate, eval_loaders, pad_sequences, train_loader
+from itmzoo.data.collate import ImageCollate, TextCollate, eval_loaders, pad_sequences
 from itmzoo.data.synthetic import COLOURS, SHAPES
 from itmzoo.data.transforms import CLIP_MEAN, CLIP_STD, RegionTransform, image_transform
 from itmzoo.data.vocab import Vocab, word_tokenize
@@ -290,13 +290,18 @@ def test_loaders_with_worker_processes():
     model = itmzoo.build("toy_vse", img_dim=16, embed_size=8, hash_buckets=64, word_dim=8)
     split = SyntheticShapes({"test": 7}, seed=0, region_dim=16).split("test")
     images, captions = eval_loaders(split, model, batch_size=4, num_workers=1)
-    assert isinstance(captions.collate_fn, TextCollate)
-    pickle.dumps(captions.collate_fn)  # a lambda would fail here with the spawn start method
+    assert isinstance(captions.collate_fn, TextCollate) and isinstance(images.collate_fn, ImageCollate)
+    model_bytes = len(pickle.dumps(model))
+    for collate in (images.collate_fn, captions.collate_fn):  # what spawn/forkserver send to each worker
+        assert len(pickle.dumps(collate)) < model_bytes / 10
     img_batches = list(images)
     cap_batches = list(captions)
     assert sum(len(b["regions"]) for b in img_batches) == 7 and img_batches[0]["regions"].shape == (4, 36, 16)
     assert sum(len(b["input_ids"]) for b in cap_batches) == 35
-    tl = train_loader(split, model, batch_size=5, num_workers=0, generator=torch.Generator().manual_seed(0))
+    from itmzoo.train.data import make_train_loader
+
+    tl = make_train_loader(split, model, 5, seed=0)
+    assert len(pickle.dumps(tl.dataset.collate)) < model_bytes / 10
     batch = next(iter(tl))
     assert set(batch) >= {"regions", "region_lengths", "input_ids", "attention_mask", "lengths", "image_index"}
 

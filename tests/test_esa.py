@@ -18,6 +18,7 @@ import torch
 
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
+from itmzoo.data.collate import collate_images
 from itmzoo.models.esa import ESABertTokenizer, ESAWordTokenizer, convert_official, sel_loss
 
 from parity_utils import filled_state_dict, load_npz
@@ -539,10 +540,10 @@ def test_trainer_accumulation_uses_cached_features(tmp_path):
                            captions=caps, caption_to_image=np.arange(8))
     trainer = Trainer(model, split, {"epochs": 1, "batch_size": 8, "accum_steps": 2, "optimizer": "adamw",
                                      "lr": 1e-3, "progress": False, "max_steps": 1})
-    assert trainer._accum_mode() == "cached"
+    assert trainer._accum_mode() == "exact"
     result = trainer.fit()
     assert result.steps == 1
-    feats = model.train().train_features({**model.collate_images([torch.zeros(5, 8)] * 2),
+    feats = model.train().train_features({**collate_images([torch.zeros(5, 8)] * 2, "regions"),
                                           **model.tokenizer(caps[:2], train=True)})
     assert feats["img"].shape == (2, 2, 8) and feats["cap"].shape == (2, 2, 8)
 

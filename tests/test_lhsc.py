@@ -20,7 +20,7 @@ from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.config import ConfigError
 from itmzoo.eval.similarity import similarity_matrix
 from itmzoo.layers.cross_attention import scan_t2i_attention, t2i_attention_packed, context_scale
-from itmzoo.models.base import cat_features
+from itmzoo.features import cat_features
 from itmzoo.models.lhsc import LHSCConfig, convert_official
 
 from parity_utils import filled_state_dict, load_npz
@@ -267,8 +267,8 @@ def test_masked_mode_is_padding_independent_batch_mode_is_not():
                 n = int(b["lengths"][j])
                 alone = model.encode_text({"input_ids": b["input_ids"][j:j + 1, :n], "lengths": b["lengths"][j:j + 1]})
                 torch.testing.assert_close(alone["tokens"][0], tight["tokens"][j, :n], atol=1e-6, rtol=0)
-    assert _tiny(text_padding="batch").eval_text_batch_size == 100
-    assert _tiny(text_padding="masked").eval_text_batch_size is None
+    assert _tiny(text_padding="batch").eval_settings().text_batch_size == 100
+    assert _tiny(text_padding="masked").eval_settings().text_batch_size is None
 
 
 def test_backward_reaches_every_parameter_and_config_roundtrip():

@@ -214,7 +214,7 @@ def test_cached_accumulation_equals_the_full_batch(data):
 def test_accumulation_is_refused_for_a_batch_dependent_loss_without_the_split(data):
     tr, _ = data
     m = toy()
-    m.train_features = None  # as a model that only has forward()
+    m.accumulation = "refuse"  # as a model that only has forward()
     with pytest.raises(ConfigError, match="depends on the whole batch"):
         fit(m, tr, {"epochs": 1, "batch_size": 16, "accum_steps": 2, "progress": False})
 
@@ -223,8 +223,7 @@ def test_naive_accumulation_for_a_per_pair_loss_averages_micro_batches(data):
     tr, _ = data
 
     def per_pair(model):
-        model.batch_dependent_loss = False
-        model.train_features = None
+        model.accumulation = "naive"
 
         def forward(batch):  # a mean over pairs: no other item in the batch matters
             img, txt = model.encode_image(batch), model.encode_text(batch)

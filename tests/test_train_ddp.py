@@ -16,7 +16,7 @@ import itmzoo
 from itmzoo.data.synthetic import SyntheticShapes
 from itmzoo.train import fit
 from itmzoo.train.data import make_train_loader
-from itmzoo.train.distributed import all_gather_with_grad, gather_features
+from itmzoo.distributed import all_gather_with_grad, gather_features
 
 TRAIN = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, "progress": False}
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -31,7 +31,7 @@ def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pretrained(model: Any, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
     """Write a native checkpoint directory atomically and return its path."""
-    from .. import __version__
+    from .._version import __version__
 
     if getattr(model, "registry_name", None) is None:
         raise CheckpointError(

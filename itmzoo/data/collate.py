@@ -12,6 +12,7 @@ from .split import RetrievalSplit, load_pil
 
 __all__ = [
     "CaptionDataset",
+    "ImageCollate",
     "ImageDataset",
     "PairCollate",
     "PairDataset",
@@ -19,7 +20,6 @@ __all__ = [
     "collate_images",
     "eval_loaders",
     "pad_sequences",
-    "train_loader",
 ]
 
 
@@ -100,18 +100,29 @@ class PairDataset(Dataset):
         return self.transform(_load(self.split, i)), self.split.captions[j], i
 
 
-class PairCollate:
-    """Picklable collate for worker processes: images via the model's collate, text via its tokenizer."""
+class ImageCollate:
+    """Picklable image collate: it holds the input kind only, so worker processes get no model copy."""
 
-    def __init__(self, model: Any, train: bool) -> None:
-        self.kind = model.input_kind
-        self.collate_images = model.collate_images
-        self.tokenizer = model.tokenizer
+    def __init__(self, kind: str) -> None:
+        if kind not in ("regions", "pixels"):
+            raise ValueError(f"unknown input kind {kind!r}; expected 'regions' or 'pixels'")
+        self.kind = kind
+
+    def __call__(self, images: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return collate_images(images, self.kind)
+
+
+class PairCollate:
+    """Picklable training collate: images by input kind, text by the tokenizer (never the model)."""
+
+    def __init__(self, kind: str, tokenizer: Callable[..., dict], train: bool) -> None:
+        self.images = ImageCollate(kind)
+        self.tokenizer = tokenizer
         self.train = train
 
     def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> dict[str, torch.Tensor]:
         images, caps, idx = zip(*items)
-        batch = dict(self.collate_images(list(images)))
+        batch = dict(self.images(list(images)))
         batch.update(self.tokenizer(list(caps), train=self.train))
         batch["image_index"] = torch.tensor(idx, dtype=torch.long)
         return batch
@@ -127,21 +138,11 @@ class TextCollate:
         return self.tokenizer(list(captions), train=self.train)
 
 
-def train_loader(split: RetrievalSplit, model: Any, batch_size: int, *, shuffle: bool = True, num_workers: int = 0,
-                 drop_last: bool = True, generator: torch.Generator | None = None, sampler: Any = None) -> DataLoader:
-    """Shuffled caption-indexed pairs with the model's training transforms and tokenizer."""
-    _check_kind(split, model)
-    ds = PairDataset(split, model.image_transform_for(True))
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-                      num_workers=num_workers, collate_fn=PairCollate(model, train=True), drop_last=drop_last,
-                      generator=generator, persistent_workers=num_workers > 0)
-
-
 def eval_loaders(split: RetrievalSplit, model: Any, batch_size: int = 128, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """Loaders of unique images and of all captions, in split order, with evaluation transforms."""
     _check_kind(split, model)
     images = DataLoader(ImageDataset(split, model.image_transform_for(False)), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, collate_fn=model.collate_images)
+                        shuffle=False, num_workers=num_workers, collate_fn=ImageCollate(model.input_kind))
     captions = DataLoader(CaptionDataset(split), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                           collate_fn=TextCollate(model.tokenizer, train=False))
     return images, captions

@@ -98,7 +98,7 @@ def metrics_from_sims(sims: torch.Tensor | np.ndarray | Sequence[torch.Tensor], 
 
 def _fold_sims(model: torch.nn.Module, img: Any, txt: Any, folds: list[tuple[slice, np.ndarray]], n_folds: int,
                **kw: Any) -> list[torch.Tensor]:
-    from ..models.base import slice_features
+    from ..features import slice_features
     from .similarity import similarity_matrix
 
     if n_folds == 1:
@@ -108,7 +108,7 @@ def _fold_sims(model: torch.nn.Module, img: Any, txt: Any, folds: list[tuple[sli
 
 
 def _provenance(split: Any, models: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     return {"split": getattr(split, "name", ""), "itmzoo_version": __version__,
             "model": [getattr(m, "registry_name", type(m).__name__) for m in models]

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from ..models.base import Features, cat_features, features_len, features_to, slice_features
+from ..features import Features, cat_features, features_len, features_to, slice_features
 
 __all__ = ["autocast_context", "encode_split", "similarity_matrix"]
 
@@ -50,7 +50,7 @@ def encode_split(model: torch.nn.Module, split: Any, batch_size: int = 128, devi
     model.eval()
     try:
         images, captions = eval_loaders(split, model, batch_size=batch_size, num_workers=num_workers)
-        text_bs = getattr(model, "eval_text_batch_size", None)
+        text_bs = model.eval_settings().text_batch_size
         if text_bs:  # features that depend on batch padding (LHSC): encode captions as the reference did
             _, captions = eval_loaders(split, model, batch_size=text_bs, num_workers=num_workers)
         img = _encode(model.encode_image, images, device, amp, keep_on, "encode images", progress)

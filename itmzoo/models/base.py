@@ -2,85 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence, Union
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["Features", "ITMModel", "cat_features", "features_len", "features_to", "slice_features"]
+from ..features import Features, cat_features, features_len, features_to, slice_features
 
-# One vector per item (Tensor[N, D]) or token sets with masks ({"tokens": [N, L, D], "mask": [N, L]}).
-Features = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+__all__ = ["ACCUMULATION_POLICIES", "EvalSettings", "Features", "ITMModel", "cat_features", "features_len", "features_to", "slice_features"]
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How a method must be evaluated to match its authors' numbers (``ITMModel.eval_settings()``).
 
-def features_len(feats: Features) -> int:
-    """Number of items (rows) in a feature set."""
-    if isinstance(feats, torch.Tensor):
-        return feats.shape[0]
-    if not feats:
-        raise ValueError("empty feature dict")
-    return next(iter(feats.values())).shape[0]
+    ``None`` means "the evaluator's default". The evaluator reads these; a user may override them.
+    """
 
+    text_batch_size: int | None = None  # captions per encode_text call (padding-dependent text encoders)
+    image_batch_size: int | None = None  # images per encode_image call
+    block: tuple[int, int] | None = None  # (images, captions) per similarity() call
+    seed: int | None = None  # for methods that draw random numbers while scoring
+    rerank_k: int | None = None  # two-stage models: candidates re-scored per query
 
-def slice_features(feats: Features, index: slice | torch.Tensor) -> Features:
-    """Rows `index` of a feature set, keeping its form."""
-    if isinstance(feats, torch.Tensor):
-        return feats[index]
-    return {k: v[index] for k, v in feats.items()}
-
-
-def features_to(feats: Features, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> Features:
-    """Move a feature set; `dtype` applies to floating tensors only (masks keep theirs)."""
-
-    def mv(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
-
-    if isinstance(feats, torch.Tensor):
-        return mv(feats)
-    return {k: mv(v) for k, v in feats.items()}
+    def __post_init__(self) -> None:
+        for name in ("text_batch_size", "image_batch_size", "rerank_k"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"EvalSettings.{name} must be a positive int or None, got {v!r}")
+        if self.block is not None and (len(self.block) != 2 or min(self.block) <= 0):
+            raise ValueError(f"EvalSettings.block must be two positive ints, got {self.block!r}")
 
 
-def cat_features(parts: Sequence[Features]) -> Features:
-    """Concatenate feature sets along rows; token sets of different lengths are right-padded with 0."""
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return _cat_padded(list(parts))
-    return {k: _cat_padded([p[k] for p in parts]) for k in first}
-
-
-def _cat_padded(ts: list[torch.Tensor]) -> torch.Tensor:
-    if ts[0].dim() >= 2 and len({t.shape[1:] for t in ts}) > 1:
-        # token sets from batches padded to different lengths: pad every dim to the max
-        shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
-        padded = []
-        for t in ts:
-            pad: list[int] = []
-            for d in reversed(range(1, t.dim())):
-                pad += [0, shape[d - 1] - t.shape[d]]
-            padded.append(nn.functional.pad(t, pad))
-        ts = padded
-    return torch.cat(ts, 0)
+ACCUMULATION_POLICIES = ("exact", "naive", "refuse")
 
 
 class ITMModel(nn.Module):
-    """Base class of every itmzoo model.
+    """Base class of every itmzoo model: the whole contract the trainer, evaluator and CLI use.
 
-    Subclasses set `input_kind`, `scoring`, `registry_name` and implement `encode_image`,
-    `encode_text`, `similarity` and `forward`. Embedding models get `similarity` for free
-    (a matrix product of their vectors).
+    Subclasses set the class attributes, implement `tokenizer`, `image_transform_for`,
+    `encode_image`, `encode_text` and the training loss (`train_features` + `train_loss`, or
+    `forward` alone with ``accumulation = "naive"`` or ``"refuse"``); cross-interaction models
+    implement `similarity`, two-stage models also `score_pairs`. Every other hook has a default.
+    docs/contract.md describes each member.
     """
 
-    input_kind: ClassVar[str] = "regions"
-    scoring: ClassVar[str] = "embedding"
+    input_kind: ClassVar[str] = "regions"  # "regions" | "pixels"
+    scoring: ClassVar[str] = "embedding"  # "embedding" | "cross" | "two-stage"
+    # How the trainer may split a batch into micro-batches (train.accum_steps > 1):
+    #   "exact":  encode every micro-batch with `train_features`, then one `train_loss` over all of
+    #             them (gradients equal the full batch's, also for hardest negatives);
+    #   "naive":  sum the micro-batches' losses (what recipes with queues or per-micro-batch state use);
+    #   "refuse": the loss depends on the whole batch and the method does not split it.
+    accumulation: ClassVar[str] = "refuse"
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.registry_name: str | None = None  # set by build()
+        self.registry_name: str | None = None  # set by the registry when it builds the model
         self.epoch = 0
 
     # -- data plumbing -------------------------------------------------------------------------
@@ -97,32 +77,54 @@ class ITMModel(nn.Module):
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         return self.image_transform_for(False)
 
-    def collate_images(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stack transformed images into the image part of a batch."""
-        from ..data.collate import collate_images
-
-        return collate_images(images, self.input_kind)
-
-    # -- the contract -------------------------------------------------------------------------
+    # -- encoding and scoring ------------------------------------------------------------------
     def encode_image(self, batch: Mapping[str, torch.Tensor]) -> Features:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_image()")
 
     def encode_text(self, batch: Mapping[str, torch.Tensor]) -> Features:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_text()")
 
     def similarity(self, image_feats: Features, text_feats: Features) -> torch.Tensor:
-        """Scores ``[n_images, n_texts]``; embedding models: one matrix product."""
+        """Scores ``[n_images, n_texts]``; embedding models: one matrix product.
+
+        For a two-stage model this is its first stage (cheap, every pair).
+        """
         if self.scoring != "embedding":
             raise NotImplementedError(f"{type(self).__name__} must implement similarity()")
         return image_feats @ text_feats.t()
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def score_pairs(self, image_feats: Features, text_feats: Features, image_index: torch.Tensor,
+                    text_index: torch.Tensor, direction: str) -> torch.Tensor:
+        """Second-stage scores ``Tensor[P]`` of the pairs ``(image_index[p], text_index[p])``.
 
-    # -- training hooks (optional) -------------------------------------------------------------
+        `direction` is ``"i2t"`` (the image is the query, the caption a candidate) or ``"t2i"``.
+        Only two-stage models implement it; they decide how to batch the pairs they are given.
+        """
+        raise NotImplementedError(f"{type(self).__name__} ({self.scoring} scoring) has no second stage")
+
+    def eval_settings(self) -> EvalSettings:
+        """How this model must be evaluated to match its authors (batching, blocks, seed, re-rank depth)."""
+        return EvalSettings()
+
+    # -- training ------------------------------------------------------------------------------
+    def train_features(self, batch: Mapping[str, torch.Tensor]) -> Any:
+        """The part of the training loss computed per micro-batch (usually the embeddings)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its loss (accumulation={self.accumulation!r})")
+
+    def train_loss(self, feats: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss over the features of the whole (global) batch: ``{"loss": total, ...}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its loss (accumulation={self.accumulation!r})")
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Training losses ``{"loss": total, ...}`` of one batch."""
+        return self.train_loss(self.train_features(batch), batch)
+
     def on_epoch_start(self, epoch: int) -> None:
-        """Called by the trainer before every epoch (e.g. switch to hardest negatives)."""
+        """Called by the trainer before every epoch (0-based; e.g. switch to hardest negatives)."""
         self.epoch = epoch
+
+    def on_step_start(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Called before every optimizer step (e.g. a loss warm-up factor or a clamp per step)."""
 
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (e.g. clamp a learned temperature)."""

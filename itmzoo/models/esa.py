@@ -423,7 +423,7 @@ class ESA(ITMModel):
 
     # The loss depends on the whole batch (hardest positives/negatives): the trainer splits it at the
     # embeddings for exact gradient accumulation, and the embeddings are gathered over DDP ranks.
-    batch_dependent_loss = True
+    accumulation = "exact"
 
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"img", "cap"}``, each ``[B, hardnum, E]``: the image views and the caption copies of each pair.
@@ -447,17 +447,13 @@ class ESA(ITMModel):
     def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor] | None = None
                    ) -> dict[str, torch.Tensor]:
         """SEL over every pair of the (global) batch; rows ``k*hardnum + a`` = view a of pair k."""
-        from ..train.distributed import gather_features
+        from ..distributed import gather_features
 
         feats = gather_features(dict(feats))
         img = feats["img"].reshape(-1, feats["img"].shape[-1])
         cap = feats["cap"].reshape(-1, feats["cap"].shape[-1])
         cost_im, cost_s = sel_loss(img, cap, self.config.hardnum, self.config.margin, self.use_max_violation())
         return {"loss": cost_im + cost_s, "cost_im": cost_im.detach(), "cost_s": cost_s.detach()}
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Training loss: SEL over ``hardnum`` image views x ``hardnum`` caption copies per pair."""
-        return self.train_loss(self.train_features(batch), batch)
 
     # -- hooks ------------------------------------------------------------------------------------
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from ..layers.cross_attention import context_scale, region_gram, t2i_attention_p
 from ..layers.graph import RegionRelationGCN, WordRelationAttention
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, register_model
-from .base import ITMModel
+from .base import EvalSettings, ITMModel
 
 __all__ = ["LHSC", "LHSCConfig", "convert_official", "lhsc", "TAGS"]
 
@@ -356,10 +356,11 @@ class LHSC(ITMModel):
     def tokenizer(self) -> LHSCTokenizer:
         return self._tokenizer
 
-    @property
-    def eval_text_batch_size(self) -> int | None:
-        """Captions per encoding batch in evaluation: the reference's 100 when padding matters."""
-        return self.config.eval_text_batch_size if self.config.text_padding == "batch" else None
+    def eval_settings(self) -> EvalSettings:
+        """With batch padding, captions are encoded in the reference's blocks of 100 (features depend on it)."""
+        if self.config.text_padding == "batch":
+            return EvalSettings(text_batch_size=self.config.eval_text_batch_size)
+        return EvalSettings()
 
     def image_transform_for(self, train: bool) -> RegionsToTensor:
         return RegionsToTensor(self.config.num_regions, self.config.img_dim)
@@ -496,10 +497,7 @@ class LHSC(ITMModel):
         return loc, glo
 
     # -- training ----------------------------------------------------------------------------------
-    batch_dependent_loss = True  # hardest negatives come from the whole batch
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.train_loss(self.train_features(batch), batch)
+    accumulation = "exact"  # hardest negatives come from the whole batch: split at the features
 
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Per-item features; the loss below is split here so the trainer can accumulate exactly."""
@@ -513,7 +511,7 @@ class LHSC(ITMModel):
         image, as upstream), then the score columns are gathered into the full matrix. Outside a
         process group both gathers are the identity.
         """
-        from ..train.distributed import all_gather_with_grad, gather_features
+        from ..distributed import all_gather_with_grad, gather_features
 
         images = gather_features(feats["image"])
         cols = self.similarity(images, feats["text"])                      # [global images, local captions]

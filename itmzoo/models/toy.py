@@ -80,16 +80,15 @@ class ToyVSE(ITMModel):
         pooled = e.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return l2norm(self.txt_fc(pooled))
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.train_loss(self.train_features(batch), batch)
-
     # the loss split at the embeddings: lets the trainer accumulate gradients exactly (cached features)
+    accumulation = "exact"
+
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image": self.encode_image(batch), "text": self.encode_text(batch)}
 
     def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hinge loss over the global batch: under DDP the embeddings of every rank are gathered."""
-        from ..train.distributed import gather_features
+        from ..distributed import gather_features
 
         img, txt = gather_features(feats["image"]), gather_features(feats["text"])
         # scores and hinge in fp32 even under autocast: near-ties decide the hardest negative

@@ -1,7 +1,7 @@
-"""Training: the engine (`fit`, `Trainer`), run files (`run_training`) and distributed helpers.
+"""Training: the engine (`fit`, `Trainer`) and run files (`run_training`), imported on first use.
 
-``itmzoo.train.distributed`` imports only torch, so a model may use `gather_features` without pulling
-in the rest; everything else is imported on first use.
+The distributed helpers that models use (`gather_features`) live in `itmzoo.distributed`, below the
+models, so a model never imports this package.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ class TrainConfig(ModelConfig):
 
     epochs: int = 30
     batch_size: int = 128  # global batch: all ranks and all accumulation micro-batches together
-    accum_steps: int = 1  # micro-batches per optimizer step (see docs/training.md for the loss rules)
+    accum_steps: int = 1  # micro-batches per optimizer step (the model's `accumulation` policy decides how)
+    # keep the last, smaller batch of an epoch (and step on an incomplete accumulation window, as
+    # Lightning does) instead of dropping it; several upstream recipes train on it
+    drop_last: bool = True
     # optimiser
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 2e-4

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 
 from ..data.collate import PairCollate, PairDataset, _check_kind
 from ..data.split import RetrievalSplit
-from ..models.base import cat_features
+from ..features import cat_features
 
 __all__ = ["ResumableBatchSampler", "SeededBatches", "make_train_loader", "merge_batches"]
 
@@ -32,17 +32,20 @@ BatchKey = tuple[int, int, list[int]]  # (epoch, batch index in the epoch, item 
 class ResumableBatchSampler(Sampler[BatchKey]):
     """This rank's batches of one epoch, from `start` on, as ``(epoch, batch, indices)`` keys."""
 
-    def __init__(self, n_items: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n_items: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> None:
+        # without drop_last, DistributedSampler pads the permutation so every rank holds as many items
         self.sampler = DistributedSampler(range(n_items), num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
+                                          seed=seed, drop_last=drop_last)
         self.batch_size = batch_size
+        self.drop_last = drop_last
         self.epoch = 0
         self.start = 0
         self.limit: int | None = None  # use only the first `limit` batches of an epoch (whole optimizer steps)
 
     @property
     def batches_per_epoch(self) -> int:
-        n = len(self.sampler) // self.batch_size
+        n = len(self.sampler) // self.batch_size if self.drop_last else -(-len(self.sampler) // self.batch_size)
         return n if self.limit is None else min(n, self.limit)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -105,16 +108,18 @@ def _passthrough(batch: Any) -> Any:
 
 
 def make_train_loader(split: RetrievalSplit, model: Any, micro_batch: int, *, seed: int = 0, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                      drop_last: bool = True) -> DataLoader:
     """Caption-indexed pairs with the model's training transform and tokenizer, in resumable batches."""
     _check_kind(split, model)
     pairs = PairDataset(split, model.image_transform_for(True))
-    sampler = ResumableBatchSampler(len(pairs), micro_batch, seed=seed, rank=rank, world_size=world_size)
+    sampler = ResumableBatchSampler(len(pairs), micro_batch, seed=seed, rank=rank, world_size=world_size,
+                                    drop_last=drop_last)
     if sampler.batches_per_epoch == 0:
         raise ValueError(f"split '{split.name}' has {len(pairs)} captions: not one batch of {micro_batch} per rank "
                          f"({world_size} rank(s)); lower train.batch_size")
     gen = torch.Generator().manual_seed(seed)  # the loader's own seed draws never touch the global stream
-    batches = SeededBatches(pairs, PairCollate(model, train=True), seed, rank)
+    batches = SeededBatches(pairs, PairCollate(model.input_kind, model.tokenizer, train=True), seed, rank)
     batches.warm_up()
     return DataLoader(batches, sampler=sampler,
                       batch_size=None, collate_fn=_passthrough, num_workers=num_workers, pin_memory=pin_memory,

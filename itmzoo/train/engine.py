@@ -1,19 +1,9 @@
 """The training loop every method shares; method quirks live in the model's hooks.
 
-Hooks the engine calls on the model (all optional except ``forward``):
-
-* ``forward(batch) -> {"loss": ..., other scalars}``: the training loss of one batch;
-* ``on_epoch_start(epoch)``: e.g. switch from all negatives (epoch 0) to the hardest one;
-* ``on_step_start(epoch, step, steps_per_epoch)``: per-step ramps (e.g. a loss warm-up factor);
-* ``after_optimizer_step()``: e.g. clamp a learned temperature;
-* ``param_groups(lr)``: lr multipliers for backbones (BERT at 0.1 x lr);
-* ``batch_dependent_loss`` (class attribute, assumed True when absent): whether the loss of a batch
-  depends on the other items in it (hardest negatives, InfoNCE) — then naive gradient accumulation
-  is refused;
-* ``train_features(batch)`` + ``train_loss(features, batch)``: the loss split at the embeddings;
-  with it, gradient accumulation is exact (cached features, see `Trainer._cached_step`).
-
-Distributed training gathers embeddings inside the model (`itmzoo.train.distributed.gather_features`).
+The engine uses only the contract of `itmzoo.models.base.ITMModel` (docs/contract.md): `forward`,
+the loss split `train_features` / `train_loss` with the model's `accumulation` policy, and the hooks
+`on_epoch_start`, `on_step_start`, `after_optimizer_step` and `param_groups`. Distributed training
+gathers embeddings inside the model (`itmzoo.distributed.gather_features`).
 """
 
 from __future__ import annotations
@@ -31,8 +21,9 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.split import RetrievalSplit
-from ..models.base import cat_features
-from . import distributed as D
+from ..features import cat_features
+from ..models.base import ACCUMULATION_POLICIES
+from .. import distributed as D
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import EvalConfig, TrainConfig
 from .data import make_train_loader, merge_batches
@@ -149,19 +140,20 @@ class Trainer:
         return torch.device("cpu")
 
     def _accum_mode(self) -> str:
+        """"none" (one micro-batch per step), or the model's policy: "exact" or "naive"."""
         cfg, m = self.cfg, self.model
         if cfg.accum_steps == 1:
             return "none"
-        if not getattr(m, "batch_dependent_loss", True):
-            return "naive"
-        if callable(getattr(m, "train_features", None)) and callable(getattr(m, "train_loss", None)):
-            return "cached"
-        raise ConfigError(
-            f"train.accum_steps={cfg.accum_steps}: the loss of {type(m).__name__} depends on the whole batch "
-            "(hardest or in-batch negatives), so summing the gradients of micro-batches would train a different "
-            "objective, and it does not split its loss at the embeddings (train_features/train_loss) for exact "
-            "cached-feature accumulation; use train.accum_steps=1 with a batch that fits, or more GPUs"
-        )
+        policy = m.accumulation
+        if policy not in ACCUMULATION_POLICIES:
+            raise ConfigError(f"{type(m).__name__}.accumulation must be one of {ACCUMULATION_POLICIES}, got {policy!r}")
+        if policy == "refuse":
+            raise ConfigError(
+                f"train.accum_steps={cfg.accum_steps}: the loss of {type(m).__name__} depends on the whole batch "
+                "(hardest or in-batch negatives) and the method does not split it for exact accumulation "
+                "(accumulation='refuse'); use train.accum_steps=1 with a batch that fits, or more GPUs"
+            )
+        return policy
 
     def _amp(self, device: torch.device) -> str | None:
         amp = self.cfg.amp
@@ -216,9 +208,12 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)  # ranks draw different dropout masks; data seeding is separate
 
         loader = make_train_loader(self.train_data, model, micro, seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                   drop_last=cfg.drop_last)
         sampler = loader.sampler
-        self.steps_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
+        A = cfg.accum_steps
+        # without drop_last an incomplete last window still makes an optimizer step (Lightning's rule)
+        self.steps_per_epoch = sampler.batches_per_epoch // A if cfg.drop_last else -(-sampler.batches_per_epoch // A)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"one epoch holds {sampler.batches_per_epoch} micro-batches, fewer than accum_steps="
                               f"{cfg.accum_steps}")
@@ -248,7 +243,7 @@ class Trainer:
             n_train = sum(p.numel() for p in self.params)
             head = {"world_size": self.world, "device": str(device), "amp": self.amp, "accum_mode": self.accum_mode,
                     "micro_batch": micro, "steps_per_epoch": self.steps_per_epoch, "trainable_params": n_train,
-                    "model": getattr(model, "registry_name", type(model).__name__), "time": time.time()}
+                    "model": model.registry_name or type(model).__name__, "time": time.time()}
             if resumed_from is not None:
                 self.log.write({"type": "resume", "from": str(resumed_from), "step": self.step, "epoch": self.epoch,
                                 "batch": self.batch_pos // cfg.accum_steps, **head})
@@ -354,9 +349,12 @@ class Trainer:
         return self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
 
     def _plain_step(self, micro: list[dict[str, Any]], b: int) -> dict[str, torch.Tensor]:
-        """Forward/backward each micro-batch; their gradients add up (loss / accum_steps each)."""
+        """Forward/backward each micro-batch; their gradients add up (loss / accum_steps each).
+
+        An incomplete last window divides by accum_steps too, as Lightning's naive accumulation does.
+        """
         total: dict[str, torch.Tensor] = {}
-        n = len(micro)
+        n = self.cfg.accum_steps
         for i, mb in enumerate(micro):
             with self._sync_ctx(i == n - 1):
                 with self._autocast():
@@ -444,44 +442,39 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        hook = getattr(self.model, "after_optimizer_step", None)
-        if callable(hook):
-            hook()
+        self.model.after_optimizer_step()
         return norm
 
     # -- epochs ----------------------------------------------------------------------------------------
     def _loop(self, loader: Iterable, sampler: Any) -> None:
         cfg, model = self.cfg, self.model
         A = cfg.accum_steps
-        step_fn = self._cached_step if self.accum_mode == "cached" else self._plain_step
+        step_fn = self._cached_step if self.accum_mode == "exact" else self._plain_step
         bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch
                    + self.batch_pos // A, disable=not (self.main and cfg.progress), unit="step", dynamic_ncols=True)
         stop = cfg.max_steps is not None and self.step >= cfg.max_steps
         try:
             while self.epoch < cfg.epochs and not stop:
-                hook = getattr(model, "on_epoch_start", None)
-                if callable(hook):
-                    hook(self.epoch)
+                model.on_epoch_start(self.epoch)
                 sampler.set_epoch(self.epoch, start=self.batch_pos)
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}")
                 t_epoch = time.time()
                 t_last, n_last = time.time(), 0
                 micro: list[dict[str, Any]] = []
-                for batch in loader:
+                n_batches = len(loader)
+                for i_batch, batch in enumerate(loader):
                     micro.append(_to_device(batch, self.device))
-                    if len(micro) < A:
+                    if len(micro) < A and i_batch + 1 < n_batches:
                         continue
                     b = self.batch_pos // A  # step index within the epoch
                     self.schedule.apply(self.step)
-                    hook = getattr(model, "on_step_start", None)
-                    if callable(hook):
-                        hook(self.epoch, b, self.steps_per_epoch)
+                    model.on_step_start(self.epoch, b, self.steps_per_epoch)
                     n_items = sum(_batch_len(m) for m in micro) * self.world
                     vals = step_fn(micro, b + 1)
                     norm = self._optimizer_step(b + 1)
+                    self.batch_pos += len(micro)
                     micro = []
                     self.step += 1
-                    self.batch_pos += A
                     loss = float(vals["loss"])
                     self._epoch_loss[0] += loss
                     self._epoch_loss[1] += 1
@@ -501,7 +494,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss:.4g}", lr=f"{record['lr']:.2e}",
                                         sps=f"{record['samples_per_s']:.0f}")
                     for cb in self.callbacks:
-                        fn = getattr(cb, "on_step_end", None)
+                        fn = getattr(cb, "on_step_end", None)  # callbacks are user objects, not models
                         if fn is not None:
                             fn(self, record)
                     stop = cfg.max_steps is not None and self.step >= cfg.max_steps

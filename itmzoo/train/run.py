@@ -139,7 +139,7 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     import torch
 
     from .. import api
-    from . import distributed as D
+    from .. import distributed as D
     from .engine import Trainer, seed_everything
 
     run = parse_run_config(tree)

@@ -3,7 +3,7 @@
 A method whose loss needs negatives from every rank (VSE++ hardest negatives, InfoNCE) gathers its
 embeddings in ``forward`` before scoring them::
 
-    from itmzoo.train.distributed import gather_features
+    from itmzoo.distributed import gather_features
 
     def forward(self, batch):
         img = gather_features(self.encode_image(batch))      # [global B, D], differentiable
