@@ -9,19 +9,9 @@ import torch
 
 from .checkpoints.safe import CheckpointError, load_state_strict, read_pickled_checkpoint
 from .config import apply_overrides
-from .registry import get_entry, resolve_config
+from .registry import get_entry, instantiate, resolve_config
 
 LOCAL_DIR = "local-dir:"
-
-
-def _instantiate(name: str, config: Any) -> torch.nn.Module:
-    """Build registered model `name` from a config object or dict, with random weights, offline."""
-    entry = get_entry(name)
-    if isinstance(config, Mapping):
-        config = apply_overrides(entry.config_cls(), config)
-    model = entry.fn(config)
-    model.registry_name = entry.name
-    return model
 
 
 def build(name: str, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
@@ -59,13 +49,11 @@ def build(name: str, checkpoint: str | Path | None = None, device: str | torch.d
                     f"{checkpoint}: the file implies {key}={value!r} but you asked for {overrides[key]!r}"
                 )
         cfg = apply_overrides(cfg, inferred)
-        model = entry.fn(cfg)
-        model.registry_name = entry.name
+        model = instantiate(entry.name, cfg)
         load_state_strict(model, state, ignorable=ignorable, source=str(checkpoint))
         model.eval()
     else:
-        model = entry.fn(cfg)
-        model.registry_name = entry.name
+        model = instantiate(entry.name, cfg)
         model.init_pretrained()
     if device is not None:
         model.to(device)

@@ -101,7 +101,7 @@ def test_register_twice_raises_and_user_models_work():
         register_model("user_model_x", config=Cfg, input_kind="regions", scoring="embedding")(user_model_x)
     # a built-in name is refused whether or not its module was imported already
     with pytest.raises(RegistryError, match="reserved|already registered"):
-        register_model("lhsc", config=Cfg)(user_model_x)
+        register_model("lhsc", config=Cfg, input_kind="regions", scoring="cross")(user_model_x)
 
 
 def test_add_model_config_from_json(tmp_path):

@@ -9,8 +9,10 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._version import __version__
+from ..registry import instantiate
 from .atomic import atomic_dir
-from .safe import CheckpointError
+from .safe import CheckpointError, load_state_strict
 
 FORMAT = "itmzoo-native/1"
 CONFIG_FILE = "config.json"
@@ -30,10 +32,8 @@ def _contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: Any, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write a native checkpoint directory atomically and return its path."""
-    from .._version import __version__
-
-    if getattr(model, "registry_name", None) is None:
+    """Write a native checkpoint directory of an itmzoo model atomically and return its path."""
+    if model.registry_name is None:
         raise CheckpointError(
             "save_pretrained needs a model made by itmzoo.build() (it records the registry name); "
             f"got a {type(model).__name__} without one"
@@ -42,7 +42,7 @@ def save_pretrained(model: Any, directory: str | Path, extra: Mapping[str, Any] 
         "format": FORMAT,
         "model": model.registry_name,
         "itmzoo_version": __version__,
-        "config": model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config),
+        "config": model.config.to_dict(),
     }
     if extra:
         meta["extra"] = dict(extra)
@@ -74,14 +74,10 @@ def read_native_config(directory: str | Path) -> dict[str, Any]:
 def load_pretrained(directory: str | Path, device: str | torch.device | None = None,
                     **overrides: Any) -> torch.nn.Module:
     """Build the model a native directory describes and load its weights strictly."""
-    from ..api import _instantiate
-
     meta = read_native_config(directory)
     cfg = {**meta["config"], **{k: v for k, v in overrides.items() if v is not None}}
-    model = _instantiate(meta["model"], cfg)
+    model = instantiate(meta["model"], cfg)
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
-    from .safe import load_state_strict
-
     load_state_strict(model, state, source=str(directory))
     if device is not None:
         model.to(device)

@@ -357,6 +357,9 @@ class ESA(ITMModel):
 
     input_kind = "regions"
     scoring = "embedding"
+    # created but never used upstream (kept so the released checkpoints load strictly): the second
+    # BatchNorm of the image MLP, and BERT's pooler (ESA pools the last hidden states itself)
+    unused_parameters = ("img_enc.mlp.bns.1.*", "txt_enc.bert.pooler.*")
 
     def __init__(self, config: ESAConfig) -> None:
         super().__init__(config)
@@ -606,15 +609,23 @@ TAGS_BERT: dict[str, Tag] = {
 }
 
 
-@register_model("esa_bigru", config=ESABiGRUConfig, tags=TAGS_BIGRU,
-                converter=functools.partial(convert_official, variant="bigru"))
+_PAPER = "ESA: External Space Attention Aggregation for Image-Text Retrieval (TCSVT 2023)"
+
+
+@register_model("esa_bigru", config=ESABiGRUConfig, input_kind="regions", scoring="embedding", paper=_PAPER,
+                upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", aliases=("esa",),
+                tags=TAGS_BIGRU, converter=functools.partial(convert_official, variant="bigru"),
+                tiny={"img_dim": 16, "embed_size": 8, "word_dim": 8, "vocab_size": 75})  # synthetic vocab + <mask>
 def esa_bigru(config: ESABiGRUConfig) -> ESA:
     """ESA with BUTD regions and a BiGRU text encoder (alias ``esa``)."""
     return ESA(config)
 
 
-@register_model("esa_bert", config=ESABertConfig, tags=TAGS_BERT,
-                converter=functools.partial(convert_official, variant="bert"))
+@register_model("esa_bert", config=ESABertConfig, input_kind="regions", scoring="embedding", paper=_PAPER,
+                upstream=UPSTREAM, text_backbone="bert-base-uncased", image_backbone="butd-regions",
+                tags=TAGS_BERT, converter=functools.partial(convert_official, variant="bert"),
+                tiny={"img_dim": 16, "embed_size": 8, "bert_config": {"hidden_size": 16, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 120}})
 def esa_bert(config: ESABertConfig) -> ESA:
     """ESA with BUTD regions and a BERT-base text encoder."""
     return ESA(config)

@@ -641,6 +641,10 @@ TAGS = {
 }
 
 
-@register_model("lhsc", config=LHSCConfig, tags=TAGS, converter=convert_official)
+@register_model("lhsc", config=LHSCConfig, input_kind="regions", scoring="cross",
+                paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
+                upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", tags=TAGS,
+                converter=convert_official,
+                tiny={"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4, "vocab_size": 74})  # synthetic vocab
 def lhsc(config: LHSCConfig) -> LHSC:
     return LHSC(config)

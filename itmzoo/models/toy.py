@@ -103,6 +103,9 @@ class ToyVSE(ITMModel):
         return {"loss": loss}
 
 
-@register_model("toy_vse", config=ToyVSEConfig)
+@register_model("toy_vse", config=ToyVSEConfig, input_kind="regions", scoring="embedding",
+                paper="itmzoo demo model (mean-pooled regions + bag of words)", text_backbone="bow",
+                image_backbone="regions", demo=True,
+                tiny={"img_dim": 16, "embed_size": 8, "hash_buckets": 64, "word_dim": 8})
 def toy_vse(config: ToyVSEConfig) -> ToyVSE:
     return ToyVSE(config)
