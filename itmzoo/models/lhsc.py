@@ -36,6 +36,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from ..checkpoints.safe import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..data.transforms import RegionTransform
+from ..encoders.regions import xavier_linear_
+from ..features import sequence_mask
 from ..layers.cross_attention import context_scale, region_gram, t2i_attention_packed
 from ..layers.graph import RegionRelationGCN, WordRelationAttention
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
@@ -97,15 +99,6 @@ class LHSCConfig(ModelConfig):
                 raise ConfigError(f"lhsc: {f} must be in [0, 1), got {getattr(self, f)}")
 
 
-def _xavier_(lin: nn.Linear) -> None:
-    r = math.sqrt(6.0) / math.sqrt(lin.in_features + lin.out_features)
-    nn.init.uniform_(lin.weight, -r, r)
-    nn.init.zeros_(lin.bias)
-
-
-def _lengths_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-
 
 # ---------------------------------------------------------------------------------------------------
 # encoders
@@ -119,7 +112,7 @@ class EncoderImage(nn.Module):
         self.no_imgnorm = no_imgnorm
         self.gcn_layers = gcn_layers
         self.fc = nn.Linear(img_dim, embed_size)
-        _xavier_(self.fc)
+        xavier_linear_(self.fc)
         for k in range(1, gcn_layers + 1):
             self.add_module(f"IM_GCN_{k}", RegionRelationGCN(embed_size, embed_size))
 
@@ -153,7 +146,7 @@ class EncoderText(nn.Module):
         """``[B, T]`` ids (T = padded width) -> ``[B, max(lengths), embed]``, zero past each length."""
         lengths = lengths.clamp(min=1)
         x = self.dropout(self.embed(input_ids))
-        mask = _lengths_mask(lengths, input_ids.shape[1]) if masked else None
+        mask = sequence_mask(lengths, input_ids.shape[1]) if masked else None
         for k in range(1, self.attn_layers + 1):
             x = getattr(self, f"W_att{k}")(x, mask)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -178,7 +171,7 @@ class VisualSA(nn.Module):
         for seq in (self.embedding_local, self.embedding_global, self.embedding_common):
             for m in seq:
                 if isinstance(m, nn.Linear):
-                    _xavier_(m)
+                    xavier_linear_(m)
                 elif isinstance(m, nn.BatchNorm1d):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -200,7 +193,7 @@ class TextSA(nn.Module):
         self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout))
         self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
         for seq in (self.embedding_local, self.embedding_global, self.embedding_common):
-            _xavier_(seq[0])
+            xavier_linear_(seq[0])
 
     def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, L, D]`` words, ``[B, L]`` mask -> ``[B, D]`` (mean and softmax over real words only)."""
@@ -224,7 +217,7 @@ class SimilarityCalculation(nn.Module):
         super().__init__()
         self.attn_sim_w = nn.Linear(sim_dim, 1)
         self.bn = nn.BatchNorm1d(1)
-        _xavier_(self.attn_sim_w)
+        xavier_linear_(self.attn_sim_w)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
@@ -241,7 +234,7 @@ class EncoderSimilarity(nn.Module):
         self.sim_eval_w = nn.Linear(sim_dim, 1)
         self.cal_sim_base_atten = SimilarityCalculation(sim_dim)
         for lin in (self.sim_tranloc_w, self.sim_tranglo_w, self.sim_eval_w):
-            _xavier_(lin)
+            xavier_linear_(lin)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,7 +380,7 @@ class LHSC(ITMModel):
         ids = batch["input_ids"]
         lengths = batch["lengths"].to(ids.device).long() if "lengths" in batch else batch["attention_mask"].sum(1)
         tokens = self.txt_enc(ids, lengths, masked=(mode == "masked"))
-        mask = _lengths_mask(lengths.clamp(min=1), tokens.shape[1])
+        mask = sequence_mask(lengths.clamp(min=1), tokens.shape[1])
         return {"tokens": tokens, "mask": mask, "global": self.sim_enc.t_global_w(tokens, mask)}
 
     # -- scoring -----------------------------------------------------------------------------------

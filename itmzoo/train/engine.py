@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.split import RetrievalSplit
-from ..features import cat_features
+from ..eval.similarity import autocast_context
+from ..features import cat_features, features_to
 from ..models.base import ACCUMULATION_POLICIES
 from .. import distributed as D
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -74,10 +75,6 @@ class _StepModule(torch.nn.Module):
         if mode == "features":
             return self.model.train_features(batch)
         return self.model(batch)
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _scalars(out: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -168,9 +165,7 @@ class Trainer:
         return amp
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp])
+        return autocast_context(self.device, self.amp)
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -463,7 +458,7 @@ class Trainer:
                 micro: list[dict[str, Any]] = []
                 n_batches = len(loader)
                 for i_batch, batch in enumerate(loader):
-                    micro.append(_to_device(batch, self.device))
+                    micro.append(features_to(batch, self.device))
                     if len(micro) < A and i_batch + 1 < n_batches:
                         continue
                     b = self.batch_pos // A  # step index within the epoch
