@@ -285,3 +285,22 @@ def test_tensorboard_without_the_package_is_a_clear_error(data, tmp_path):
     tr, _ = data
     with pytest.raises(ImportError, match="pip install tensorboard"):
         fit(toy(), tr, {"epochs": 1, "batch_size": 16, "tensorboard": True, "progress": False}, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("drop_last, grads, steps", [
+    (True, [1.5, 1.5], 1),  # 10 captions in micro-batches of 3: 3 full batches, one whole window of 2
+    (False, [1.5, 1.5, 1.5, 0.5], 2),  # the last batch of 1 is kept and its incomplete window steps
+])
+def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop_last, grads, steps):
+    """Lightning's rule: every micro-batch loss is divided by accum_steps, also in an incomplete window."""
+    split = SyntheticShapes({"train": 2}, region_dim=24, num_regions=5).split("train")  # 10 captions
+    model = toy()
+    model.accumulation = "naive"
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    model.forward = lambda batch: {"loss": model.scale * len(batch["image_index"])}
+    seen: list[float] = []
+    model.scale.register_hook(lambda g: seen.append(float(g)))
+    result = fit(model, split, {"epochs": 1, "batch_size": 6, "accum_steps": 2, "drop_last": drop_last,
+                                "progress": False})
+    assert result.steps == steps
+    assert seen == pytest.approx(grads)

@@ -48,8 +48,7 @@ def apply_freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The model's groups, split by ``lr_mults`` and ``no_weight_decay``; each group gets ``base_lr``."""
     names = {id(p): n for n, p in model.named_parameters()}
-    hook = getattr(model, "param_groups", None)
-    base = hook(cfg.lr) if callable(hook) else [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
+    base = model.param_groups(cfg.lr)
     groups: list[dict[str, Any]] = []
     seen: dict[int, str] = {}
     used_patterns: set[str] = set()
