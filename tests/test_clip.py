@@ -70,7 +70,7 @@ def test_shapes_and_bad_inputs():
     model = tiny()
     assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 16)
     assert model.encode_text(ids_batch([4, 12])).shape == (2, 16)
-    pooled, tokens = model.encode_text(ids_batch([4, 7]), return_tokens=True)
+    _, tokens = model.encode_text(ids_batch([4, 7]), return_tokens=True)
     assert tokens.shape == (2, 12, 24)
     with pytest.raises(ValueError, match="32x32 pixels"):
         model.encode_image(torch.randn(1, 3, 40, 40))

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from itmzoo.encoders.vit import _rename_layer_key, build_vit, vit_key_layout, vit_state_for
+from itmzoo.encoders.vit import (
+    _rename_layer_key,
+    build_vit,
+    vit_key_layout,
+    vit_state_for,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "image_size": 32, "patch_size": 8}
