@@ -1,7 +1,7 @@
 """LHSC: Learning Hierarchical Semantic Correspondences (Zeng et al., ICMR 2022), built on SGRAF's SAF.
 
 Reimplements the authors' release ``lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7``
-(spec: shared/specs/lhsc.md) with the same module and parameter names, so an official checkpoint's three
+with the same module and parameter names, so an official checkpoint's three
 state dicts load with a plain prefix map (``img_enc.``, ``txt_enc.``, ``sim_enc.``).
 
 * image: ``fc`` -> 4 residual region-relation GCN blocks (``IM_GCN_k``) -> l2norm, regions ``[B, 36, D]``;
@@ -10,7 +10,7 @@ state dicts load with a plain prefix map (``img_enc.``, ``txt_enc.``, ``sim_enc.
   global from VisualSA/TextSA vectors), SAF attention filtration, ``sigmoid(Linear(256 -> 1))``;
 * loss: VSE++ hinge with hardest negatives, summed, diagonal positives.
 
-Text padding (spec P2): the upstream word-affinity blocks have no padding mask and divide by the padded
+Text padding: the upstream word-affinity blocks have no padding mask and divide by the padded
 length, so a caption's features depend on how far its batch is padded. ``text_padding="batch"`` keeps
 that (default; reproduces official numbers when captions are encoded in consecutive blocks of
 ``eval_text_batch_size`` = 100, as upstream's test loader does); ``"masked"`` makes every caption's
@@ -238,7 +238,7 @@ class EncoderSimilarity(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# SAF BatchNorm1d(1): eval = affine map with running stats; train = statistics per caption (spec P8)
+# SAF BatchNorm1d(1): eval = affine map with running stats; train = statistics per caption, as the reference loop
 
 
 def _saf_bn_eval(bn: nn.BatchNorm1d, e: torch.Tensor) -> torch.Tensor:
@@ -621,7 +621,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN f30k_precomp BUTD 36x2048", "vocab": "f30k_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; paper numbers not available to this port",
     ),
     "coco": Tag(
         overrides={"vocab_size": 11353, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]},
@@ -629,7 +629,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN coco_precomp BUTD 36x2048", "vocab": "coco_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; paper numbers not available to this port",
     ),
 }
 
