@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..models.base import ITMModel
 from .config import TrainConfig
 
 __all__ = ["LRSchedule", "apply_freeze", "build_optimizer", "build_param_groups"]
@@ -48,7 +49,10 @@ def apply_freeze(model: torch.nn.Module, patterns: list[str]) -> list[str]:
 def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The model's groups, split by ``lr_mults`` and ``no_weight_decay``; each group gets ``base_lr``."""
     names = {id(p): n for n, p in model.named_parameters()}
-    base = model.param_groups(cfg.lr)
+    if isinstance(model, ITMModel):
+        base = model.param_groups(cfg.lr)
+    else:  # a bare module (a backbone trained on its own)
+        base = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "name": "all"}]
     groups: list[dict[str, Any]] = []
     seen: dict[int, str] = {}
     used_patterns: set[str] = set()
