@@ -1,7 +1,7 @@
 """LHSC: Learning Hierarchical Semantic Correspondences (Zeng et al., ICMR 2022), built on SGRAF's SAF.
 
 Reimplements the authors' release ``lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7``
-(spec: shared/specs/lhsc.md) with the same module and parameter names, so an official checkpoint's three
+with the same module and parameter names, so an official checkpoint's three
 state dicts load with a plain prefix map (``img_enc.``, ``txt_enc.``, ``sim_enc.``).
 
 * image: ``fc`` -> 4 residual region-relation GCN blocks (``IM_GCN_k``) -> l2norm, regions ``[B, 36, D]``;
@@ -630,7 +630,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN f30k_precomp BUTD 36x2048", "vocab": "f30k_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
     "coco": Tag(
         overrides={"vocab_size": 11353, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]},
@@ -638,7 +638,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN coco_precomp BUTD 36x2048", "vocab": "coco_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
 }
 
