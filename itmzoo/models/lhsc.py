@@ -621,7 +621,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN f30k_precomp BUTD 36x2048", "vocab": "f30k_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
     "coco": Tag(
         overrides={"vocab_size": 11353, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]},
@@ -629,7 +629,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN coco_precomp BUTD 36x2048", "vocab": "coco_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
 }
 
