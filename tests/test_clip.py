@@ -174,3 +174,12 @@ def test_matches_transformers_clip_through_the_key_map():
         img, txt = ours(pixels, ids)
     assert (img - ref_img).abs().max().item() < 1e-5
     assert (txt - ref_txt).abs().max().item() < 1e-5
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = CLIPConfig(vision_blocks=11, vision_output="tokens", text_tower="embeddings")
+    assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="vision_output"):
+        CLIPConfig.from_dict({**cfg.to_dict(), "vision_output": "pooled"})
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        CLIP(CLIPConfig(image_size=30))

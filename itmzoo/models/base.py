@@ -56,6 +56,9 @@ class ITMModel(nn.Module):
     #   "naive":  sum the micro-batches' losses (what recipes with queues or per-micro-batch state use);
     #   "refuse": the loss depends on the whole batch and the method does not split it.
     accumulation: ClassVar[str] = "refuse"
+    # what one training epoch runs over: every caption once (with its image), or every image once with
+    # one of its captions drawn at random (ALBEF/BLIP-style recipes); train.epoch_over overrides it
+    train_epoch_over: ClassVar[str] = "captions"
     # parameter-name globs that get no gradient by design (weights that are dead upstream too, kept so
     # the authors' checkpoints load strictly); the generic model test allows exactly these
     unused_parameters: ClassVar[tuple[str, ...]] = ()
