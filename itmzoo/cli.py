@@ -114,9 +114,11 @@ def _interrupted_message(args: argparse.Namespace, out: Path) -> str:
     if (last / STATE_FILE).is_file():
         saved = ""
         try:
-            done = json.loads((last / "config.json").read_text(encoding="utf-8")).get("extra", {})
-            saved = f" (epoch {done['epoch']}, step {done['step']})" if "epoch" in done else ""
-        except (OSError, ValueError):
+            import torch
+
+            state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+            saved = f" (after optimizer step {state['step']}; {state['epoch']} epoch(s) complete)"
+        except Exception:  # noqa: BLE001  the message is a courtesy; never fail on it
             pass
         return (f"itmzoo train: interrupted; {last}/ holds the last checkpoint{saved}: steps after it are lost. "
                 f"Continue with: {again} --resume")

@@ -348,7 +348,8 @@ def test_training_output_banner_lines_rounding_and_ctrl_c(tmp_path, monkeypatch,
     monkeypatch.setattr(engine.Trainer, "_evaluate", _StopInEpoch2())
     assert main(["train", str(cfg), "--out", str(tmp_path / "b"), "--set", "train.eval_every=1"]) == 130
     err = capsys.readouterr().err
-    assert "interrupted" in err and f"{tmp_path / 'b' / 'last'}/ holds the last checkpoint" in err
+    assert "interrupted" in err and f"{tmp_path / 'b' / 'last'}/ holds the last checkpoint (after optimizer " \
+        "step 7; 1 epoch(s) complete)" in err
     assert err.strip().endswith(f"--out {tmp_path / 'b'} --set train.eval_every=1 --resume")
 
 
