@@ -177,7 +177,7 @@ def test_best_checkpoint_follows_dev_rsum(data, tmp_path):
     rsums = [e["dev"]["rsum"] for e in res.history]
     assert res.best_metric == max(rsums) and res.best_epoch == int(np.argmax(rsums)) + 1
     meta = json.loads((tmp_path / "best" / "config.json").read_text())
-    assert meta["extra"]["epoch"] == res.best_epoch and meta["extra"]["rsum"] == res.best_metric
+    assert meta["extra"]["epoch"] == res.best_epoch and meta["extra"]["rsum"] == pytest.approx(res.best_metric, rel=1e-9)
     best = itmzoo.load(tmp_path / "best")
     assert itmzoo.evaluate(best, dv, progress=False)["rsum"] == pytest.approx(res.best_metric)
     assert find_checkpoint(tmp_path) == tmp_path / "last"

@@ -50,7 +50,9 @@ def save_pretrained(model: Any, directory: str | Path, extra: Mapping[str, Any] 
         "config": model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config),
     }
     if extra:
-        meta["extra"] = dict(extra)
+        from ..jsonfmt import round_floats
+
+        meta["extra"] = round_floats(dict(extra))  # metrics; the config keeps its exact values
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         assets = model.save_assets(tmp)  # vocabulary / tokenizer files: the directory stands alone

@@ -216,7 +216,7 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     lock = RunLock(out).acquire() if main else None
     try:
         if main:
-            write_text_atomic(cfg_path, dumps(resolved, indent=2))
+            write_text_atomic(cfg_path, json.dumps(resolved, indent=2))  # exact: --resume compares it
             if verbose:
                 print(_banner(model, splits, run, out, D.get_world_size()), flush=True)
         return _train_and_score(run, model, splits, out, resume, callbacks, verbose, main)
