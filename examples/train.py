@@ -47,7 +47,7 @@ def main() -> None:
 
     # 4. training: dev recall every epoch, best checkpoint in OUT/best, exact resume from OUT/last
     result = fit(model, train, run.train, dev, eval_config=run.eval, out_dir=args.out, resume=args.resume)
-    print(f"best dev {run.train.best_metric} {result.best_metric:.1f} after epoch {result.best_epoch + 1}")
+    print(f"best dev {run.train.best_metric} {result.best_metric:.1f} after epoch {result.best_epoch}")
 
     # 5. the best checkpoint on the test split
     best = itmzoo.load(Path(args.out) / "best", device="cuda" if torch.cuda.is_available() else "cpu")

@@ -303,9 +303,12 @@ def list_models(pattern: str | None = None, *, include_tags: bool = False, inclu
     unknown = set(capabilities) - known
     if unknown:
         raise ValueError(f"unknown capability filter(s) {sorted(unknown)}; known: {sorted(known)}")
-    for key, allowed in (("input_kind", INPUT_KINDS), ("scoring", SCORING_KINDS)):
-        if key in capabilities and capabilities[key] not in allowed:
-            raise ValueError(f"list_models({key}={capabilities[key]!r}): expected one of {allowed}")
+    choices = {"input_kind": INPUT_KINDS, "scoring": SCORING_KINDS, "has_weights": (True, False),
+               "demo": (True, False)}
+    for key, value in capabilities.items():
+        accepted = choices.get(key) or sorted({getattr(e, key) for e in _REGISTRY.values()} - {""})
+        if value not in accepted:
+            raise ValueError(f"list_models: unknown {key}={value!r}; accepted: {', '.join(map(repr, accepted))}")
     want_weights = capabilities.pop("has_weights", None)
     out: list[str] = []
     for entry in _REGISTRY.values():

@@ -236,7 +236,7 @@ def test_kind_mismatch_is_clear():
 
 
 def test_cli_list_and_info():
-    out = subprocess.run([sys.executable, "-m", "itmzoo.cli", "list", "--scoring", "cross"],
+    out = subprocess.run([sys.executable, "-m", "itmzoo.cli", "list", "--names", "--scoring", "cross"],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["lhsc"]
     err = subprocess.run([sys.executable, "-m", "itmzoo.cli", "info", "nope_model"], capture_output=True, text=True)

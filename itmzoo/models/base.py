@@ -143,6 +143,22 @@ class ITMModel(nn.Module):
         """Load pretrained backbone weights named by the config (build() calls it without a checkpoint)."""
 
     # -- persistence -----------------------------------------------------------------------------
+    def save_assets(self, directory: Path) -> dict[str, Any]:
+        """Copy what tokenising needs into `directory`; return the config fields that point at the copies.
+
+        The returned values are file names relative to `directory`; `itmzoo.load` turns them back into
+        paths, so a native checkpoint directory works wherever it is moved. The default handles a
+        ``vocab_path`` config field (a SCAN vocabulary json), checked by the tokenizer before it is copied.
+        """
+        import shutil
+
+        path = getattr(self.config, "vocab_path", None)
+        if not path:
+            return {}
+        self.tokenizer(["a"])  # reads the vocabulary and checks it against the model (size, checksum)
+        shutil.copyfile(path, Path(directory) / "vocab.json")
+        return {"vocab_path": "vocab.json"}
+
     def save_pretrained(self, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into `directory`, atomically."""
         from ..checkpoints.native import save_pretrained

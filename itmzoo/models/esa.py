@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import random as _random
 import re
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -87,7 +88,9 @@ class ESAConfig(ModelConfig):
 class ESABiGRUConfig(ESAConfig):
     """ESA with the BiGRU text encoder (``ESA_BIGRU``)."""
 
-    vocab_size: int = 8482  # SCAN vocabulary + <mask>: 8481 + 1 (f30k), 11353 + 1 (coco)
+    # SCAN vocabulary + <mask>: 8481 + 1 (f30k), 11353 + 1 (coco); None: the words of vocab_path + 1, or
+    # 8482 (the f30k size) without a vocabulary. The built model's config always holds the number.
+    vocab_size: int | None = None
     word_dim: int = 300
     num_layers: int = 1
     vocab_path: str | None = None  # SCAN vocab json (without <mask>) for the tokenizer
@@ -96,7 +99,7 @@ class ESABiGRUConfig(ESAConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.vocab_size < 6:
+        if self.vocab_size is not None and self.vocab_size < 6:
             raise ConfigError(f"esa_bigru: vocab_size must count the 4 specials, the words and <mask>, got {self.vocab_size}")
 
 
@@ -320,6 +323,7 @@ class ESABertTokenizer(_AugmentingTokenizer):
 
     def __init__(self, hf_tokenizer: Any, hardnum: int = 2, aug_prob: float = 0.2) -> None:
         super().__init__(hardnum, aug_prob)
+        self.hf_tokenizer = hf_tokenizer
         self.splitter = WordPieceSplitter(hf_tokenizer)
         self.pad_id = self.splitter.pad_id
 
@@ -362,6 +366,8 @@ class ESA(ITMModel):
     unused_parameters = ("img_enc.mlp.bns.1.*", "txt_enc.bert.pooler.*")
 
     def __init__(self, config: ESAConfig) -> None:
+        if isinstance(config, ESABiGRUConfig) and config.vocab_size is None:
+            config = dataclasses.replace(config, vocab_size=_vocab_size_of(config.vocab_path))
         super().__init__(config)
         self.img_enc = ESAImageEncoder(config.img_dim, config.embed_size, config.no_imgnorm)
         if isinstance(config, ESABiGRUConfig):
@@ -404,6 +410,22 @@ class ESA(ITMModel):
             raise ValueError(f"{cfg.vocab_path}: {len(vocab) - 1} words + <mask> = {len(vocab)} ids, but the model's "
                              f"embedding has vocab_size={cfg.vocab_size} rows")
         return vocab
+
+    def save_assets(self, directory: Path) -> dict[str, Any]:
+        """BiGRU: the vocabulary in use (file or in memory) as ``vocab.json``; BERT: the tokenizer files in
+        ``tokenizer/`` when they are at hand (a local folder or one loaded already), else the hub name stays."""
+        cfg = self.config
+        if self.text_backbone == "bigru":
+            if self._tokenizer is None and not cfg.vocab_path:
+                return {}  # nothing to tokenise with yet: the directory says so by vocab_path = null
+            vocab = self.tokenizer.vocab  # checked against the model (size, checksum) when read from a file
+            words = {w: i for w, i in vocab.word2idx.items() if w != MASK_TOKEN}  # the json never holds <mask>
+            Vocab.from_word2idx(words).save(Path(directory) / "vocab.json")
+            return {"vocab_path": "vocab.json"}
+        if self._tokenizer is None and not Path(cfg.tokenizer).expanduser().is_dir():
+            return {}  # a hub name, not loaded: the exact name is in the config
+        self.tokenizer.hf_tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
+        return {"tokenizer": "tokenizer"}
 
     def set_tokenizer(self, tokenizer: _AugmentingTokenizer) -> None:
         """Use a ready tokenizer (e.g. a vocabulary built in memory) instead of the config's files."""
@@ -489,6 +511,13 @@ class ESA(ITMModel):
         return init_embedding_from_glove(self.txt_enc.embed.weight, word2idx, glove)
 
 
+def _vocab_size_of(vocab_path: str | None) -> int:
+    """Embedding rows for a SCAN vocabulary file: its ids + ``<mask>``; 8482 (f30k) without a file."""
+    if not vocab_path:
+        return 8482
+    return len(Vocab.load(vocab_path)) + 1
+
+
 # ------------------------------------------------------------------------------------ official checkpoints
 
 
@@ -501,8 +530,9 @@ def _unwrap_official(obj: Any) -> tuple[Mapping[str, torch.Tensor], Mapping[str,
                                   f"got keys {sorted(map(str, obj))[:8]}")
         obj = obj["model"]
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(isinstance(p, Mapping) for p in obj)):
-        raise CheckpointError("not an ESA checkpoint: 'model' must be the list [img_enc state_dict, txt_enc "
-                              f"state_dict], got {type(obj).__name__}")
+        got = f"a list of {len(obj)} parts" if isinstance(obj, (list, tuple)) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"not an ESA checkpoint: 'model' holds {got}; ESA files hold 2 state dicts "
+                              "[img_enc, txt_enc]")
     for part in obj:
         bad = [k for k, v in part.items() if not isinstance(v, torch.Tensor)]
         if bad:
