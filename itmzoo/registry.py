@@ -119,6 +119,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
            upstream="lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7",
            text_backbone="bigru", image_backbone="butd-regions"),
+        # the composition's parts are chosen by its config; the entry states the default (ESA -> LHSC)
+        _b("two_stage", "itmzoo.models.two_stage:two_stage", input_kind="regions", scoring="two-stage",
+           paper="itmzoo composition: a first-stage model's top k re-scored by a second model (ALBEF/BLIP recipe)",
+           text_backbone="per part", image_backbone="per part"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}
