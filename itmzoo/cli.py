@@ -121,6 +121,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, world, local_rank = D.init_from_env()  # under torchrun every rank takes a share of the work
     main = D.is_main_process()
     try:
+        import torch
+
+        torch.manual_seed(args.seed)  # random weights (no checkpoint) are the same on every rank and in every run
         if args.pretrained:
             model = api.load(args.pretrained, **overrides)
             source = args.pretrained
@@ -130,8 +133,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
             source = args.checkpoint or "random weights"
-        import torch
-
         if args.device:
             device = args.device
         elif torch.cuda.is_available():
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="two-stage models: candidates re-scored per query (default: the model's)")
     pe.add_argument("--pair-batch-size", dest="pair_batch_size", type=int, default=4096,
                     help="two-stage models: second-stage pairs per call")
+    pe.add_argument("--seed", type=int, default=0, help="seed of random weights and of random draws while scoring")
     pe.add_argument("--chance", action="store_true", help="also print the recall of a random ranking")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_eval)
