@@ -13,8 +13,9 @@ This follows the re-ranked protocol of ALBEF, BLIP and Multi-SEA (``salesforce/A
 A ground truth outside the top k ties at -100 with every other unselected item. Upstream's numpy
 argsort puts it anywhere among those ties; itmzoo's default optimistic ranks put it right after the k
 candidates (rank k + 1) and ``tie_mode="pessimistic"`` after every tie. R@K for K <= k is exact
-either way; for K > k the two modes bound it from above and below, and medr/meanr depend on the mode. Second-stage scores at or
-below -100 would be ranked wrongly, as upstream would; the evaluator refuses them.
+either way; for K > k the two modes bound it from above and below, and medr/meanr depend on the
+mode. Second-stage scores at or below -100 would be ranked wrongly, as upstream would; the evaluator
+refuses them.
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     split = splits[name]
     opts = dataclasses.replace(run.eval, device=str(trainer.device), progress=False, return_sims=False)
     with torch.random.fork_rng(devices=[]):
-        metrics = evaluate(final_model, split, run.eval.protocol if name == "test" else (run.eval.dev_protocol or "full"),
-                           options=opts)
+        protocol = run.eval.protocol if name == "test" else (run.eval.dev_protocol or "full")
+        metrics = evaluate(final_model, split, protocol, options=opts)
     if not main:
         return {}
     chance = chance_metrics(split.caption_to_image)
