@@ -333,8 +333,9 @@ def test_cli_evaluates_a_composition_with_a_chosen_k(tmp_path, capsys):
     first = _composition().first
     first.save_pretrained(tmp_path / "first")
     second_cfg = json.dumps(_composition().config.second_config)
-    rc = main(["eval", "--model", "two_stage", "--set", "first=toy_vse", "--set", f"first_checkpoint={tmp_path / 'first'}",
-               "--set", "second=lhsc", "--set", f"second_config={second_cfg}", "--rerank-k", "3", "--block", "5", "7",
+    rc = main(["eval", "--model", "two_stage", "--set", "first=toy_vse",
+               "--set", f"first_checkpoint={tmp_path / 'first'}", "--set", "second=lhsc",
+               "--set", f"second_config={second_cfg}", "--rerank-k", "3", "--block", "5", "7",
                "--data", "format=synthetic,split=test,region_dim=16,num_regions=4,seed=1,num_images={test: 12}",
                "--quiet", "--out", str(tmp_path / "m.json")])
     assert rc == 0, capsys.readouterr().err
