@@ -18,9 +18,10 @@ import torch
 import itmzoo
 from itmzoo.config import load_run_config
 from itmzoo.data import load_split
+from itmzoo.eval import chance_metrics, format_metrics
 from itmzoo.train import fit
 from itmzoo.train.engine import seed_everything
-from itmzoo.train.run import chance_metrics, format_metrics, parse_run_config
+from itmzoo.train.run import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 """The contract test every registered model must pass (a new family gets this safety net for free).
 
 Each name of `itmzoo.list_models()` is built from the `tiny` overrides declared beside its tags, with
-random weights and no downloads; text assets that a config names by path (a SCAN vocabulary, an HF
-tokenizer folder) are made here once.
+random weights and no downloads (word-vocabulary models use the package's synthetic vocabulary); a
+config field `tokenizer` (an HF tokenizer folder or hub id) gets a tiny WordPiece folder made here once.
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ def tiny_model(name: str, hf_tokenizer_dir: str) -> ITMModel:
     entry = get_entry(name)
     overrides = dict(entry.tiny)
     fields = {f.name for f in dataclasses.fields(entry.config_cls)}
-    if "vocab_path" in fields and "vocab_path" not in overrides:
-        overrides["vocab_path"] = str(SCAN_VOCAB)
     if "tokenizer" in fields and "tokenizer" not in overrides:
         overrides["tokenizer"] = hf_tokenizer_dir
     torch.manual_seed(0)

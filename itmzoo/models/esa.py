@@ -30,10 +30,11 @@ from torch import nn
 
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
+from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
 from ..data.vocab import Vocab, pad_ids, word_tokenize
-from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.backbones import load_pretrained_weights
+from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
 from ..encoders.regions import RegionFeatureEncoder, region_mask, xavier_linear_
 from ..losses import hinge_costs, l2norm
@@ -645,7 +646,7 @@ _PAPER = "ESA: External Space Attention Aggregation for Image-Text Retrieval (TC
 @register_model("esa_bigru", config=ESABiGRUConfig, input_kind="regions", scoring="embedding", paper=_PAPER,
                 upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", aliases=("esa",),
                 tags=TAGS_BIGRU, converter=functools.partial(convert_official, variant="bigru"),
-                tiny={"img_dim": 16, "embed_size": 8, "word_dim": 8, "vocab_size": 75})  # synthetic vocab + <mask>
+                tiny={"img_dim": 16, "embed_size": 8, "word_dim": 8, "vocab_path": SYNTHETIC_VOCAB})
 def esa_bigru(config: ESABiGRUConfig) -> ESA:
     """ESA with BUTD regions and a BiGRU text encoder (alias ``esa``)."""
     return ESA(config)

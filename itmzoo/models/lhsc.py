@@ -35,6 +35,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..checkpoints.safe import CheckpointError
 from ..config import ConfigError, ModelConfig
+from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
 from ..encoders.regions import xavier_linear_
 from ..features import sequence_mask
@@ -638,6 +639,7 @@ TAGS = {
                 paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
                 upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", tags=TAGS,
                 converter=convert_official,
-                tiny={"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4, "vocab_size": 74})  # synthetic vocab
+                tiny={"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4, "vocab_size": 74,
+                      "vocab_path": SYNTHETIC_VOCAB})
 def lhsc(config: LHSCConfig) -> LHSC:
     return LHSC(config)
