@@ -52,10 +52,21 @@ def tiny_model(name: str, hf_tokenizer_dir: str) -> ITMModel:
     return itmzoo.build(name, **overrides)
 
 
+def _find(tree, key: str):
+    """The first value of `key` in a nested config dict (a composition keeps its parts' configs inside)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for v in tree.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
 def tiny_split(model: ITMModel, n_images: int = 6):
-    cfg = model.config
     if model.input_kind == "regions":
-        data = SyntheticShapes({"test": n_images}, seed=0, region_dim=cfg.img_dim)
+        data = SyntheticShapes({"test": n_images}, seed=0, region_dim=_find(model.config.to_dict(), "img_dim"))
         return data.split("test")
     return SyntheticShapes({"test": n_images}, seed=0, image_size=32).split("test", kind="pixels")
 

@@ -283,7 +283,7 @@ def _pair_scores(model: ITMModel, image_feats: Features, text_feats: Features, i
                       "first_config": {"img_dim": 16, "embed_size": 8, "word_dim": 8, "hash_buckets": 31},
                       "second": "lhsc",
                       "second_config": {"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4,
-                                        "num_regions": 4, "vocab_size": 74, "vocab_path": SYNTHETIC_VOCAB,
+                                        "vocab_size": 74, "vocab_path": SYNTHETIC_VOCAB,
                                         "gcn_layers": 1, "text_attn_layers": 1, "text_padding": "masked"}})
 def two_stage(config: TwoStageConfig) -> TwoStage:
     return TwoStage(config)

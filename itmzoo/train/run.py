@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ..checkpoints.atomic import write_text_atomic
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..eval.options import EvalOptions
