@@ -1,7 +1,7 @@
 # %% [markdown]
 # # itmzoo quickstart
 # Build a model, encode images and captions, score them, evaluate recall, train briefly and retrieve.
-# Everything runs on the built-in synthetic data (nothing downloaded), on CPU in about a minute.
+# Everything runs on the built-in synthetic data (nothing downloaded), on CPU.
 # Run it as a script (`python examples/quickstart.py`) or cell by cell (`# %%` markers).
 
 # %%
