@@ -567,6 +567,8 @@ def test_run_configs_parse(name):
     assert isinstance(cfg, LHSCConfig)
     if name != "lhsc_demo_synthetic":
         assert cfg.text_padding == "batch" and cfg.vocab_sha256 and run.train.lr == 2e-4
+        # upstream trains on the last partial batch; lr steps at 20 epochs (README), not opts.py's 30
+        assert run.train.drop_last is False and run.train.lr_decay_epochs == [20, 40]
 
 
 @torch.no_grad()

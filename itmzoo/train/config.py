@@ -21,6 +21,7 @@ class TrainConfig(ModelConfig):
     epochs: int = 30
     batch_size: int = 128  # global batch: all ranks and all accumulation micro-batches together
     accum_steps: int = 1  # micro-batches per optimizer step (see docs/training.md for the loss rules)
+    drop_last: bool = True  # False: the epoch's last, smaller batch is trained on too (needs accum_steps 1)
     # optimiser
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 2e-4
@@ -65,6 +66,9 @@ class TrainConfig(ModelConfig):
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.accum_steps "
                               f"({self.accum_steps})")
+        if not self.drop_last and self.accum_steps != 1:
+            raise ConfigError(f"train.drop_last=false needs train.accum_steps=1 (got {self.accum_steps}): a partial "
+                              "last batch cannot be split into equal micro-batches")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
         if not 0 <= self.min_lr_ratio <= 1:

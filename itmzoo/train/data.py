@@ -30,11 +30,17 @@ BatchKey = tuple[int, int, list[int]]  # (epoch, batch index in the epoch, item 
 
 
 class ResumableBatchSampler(Sampler[BatchKey]):
-    """This rank's batches of one epoch, from `start` on, as ``(epoch, batch, indices)`` keys."""
+    """This rank's batches of one epoch, from `start` on, as ``(epoch, batch, indices)`` keys.
 
-    def __init__(self, n_items: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    ``drop_last=False`` keeps the last, smaller batch (SCAN/LHSC train on it). Across several ranks the
+    items are then first padded by repeating a few, so every rank holds as many (DistributedSampler).
+    """
+
+    def __init__(self, n_items: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True) -> None:
         self.sampler = DistributedSampler(range(n_items), num_replicas=world_size, rank=rank, shuffle=True,
-                                          seed=seed, drop_last=True)
+                                          seed=seed, drop_last=drop_last)
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.epoch = 0
         self.start = 0
@@ -42,7 +48,7 @@ class ResumableBatchSampler(Sampler[BatchKey]):
 
     @property
     def batches_per_epoch(self) -> int:
-        n = len(self.sampler) // self.batch_size
+        n = len(self.sampler) // self.batch_size if self.drop_last else -(-len(self.sampler) // self.batch_size)
         return n if self.limit is None else min(n, self.limit)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -105,11 +111,13 @@ def _passthrough(batch: Any) -> Any:
 
 
 def make_train_loader(split: RetrievalSplit, model: Any, micro_batch: int, *, seed: int = 0, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                      world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                      drop_last: bool = True) -> DataLoader:
     """Caption-indexed pairs with the model's training transform and tokenizer, in resumable batches."""
     _check_kind(split, model)
     pairs = PairDataset(split, model.image_transform_for(True))
-    sampler = ResumableBatchSampler(len(pairs), micro_batch, seed=seed, rank=rank, world_size=world_size)
+    sampler = ResumableBatchSampler(len(pairs), micro_batch, seed=seed, rank=rank, world_size=world_size,
+                                    drop_last=drop_last)
     if sampler.batches_per_epoch == 0:
         raise ValueError(f"split '{split.name}' has {len(pairs)} captions: not one batch of {micro_batch} per rank "
                          f"({world_size} rank(s)); lower train.batch_size")

@@ -216,7 +216,8 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)  # ranks draw different dropout masks; data seeding is separate
 
         loader = make_train_loader(self.train_data, model, micro, seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                                   num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                   drop_last=cfg.drop_last)
         sampler = loader.sampler
         self.steps_per_epoch = sampler.batches_per_epoch // cfg.accum_steps
         if self.steps_per_epoch == 0:
