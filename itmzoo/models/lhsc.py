@@ -42,7 +42,7 @@ from ..losses import hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, register_model
 from .base import ITMModel
 
-__all__ = ["LHSC", "LHSCConfig", "convert_official", "lhsc", "TAGS"]
+__all__ = ["LHSC", "TAGS", "TINY_OVERRIDES", "LHSCConfig", "convert_official", "lhsc"]
 
 UPSTREAM = "lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7"
 
@@ -640,6 +640,12 @@ TAGS = {
                        "text_padding": "batch", "eval_text_batch_size": 100},
         note=f"origin {UPSTREAM}; paper numbers not available to this port",
     ),
+}
+
+
+# registry name -> overrides that build a tiny, fast LHSC with random weights (no files needed)
+TINY_OVERRIDES: dict[str, dict] = {
+    "lhsc": {"vocab_size": 40, "img_dim": 24, "word_dim": 12, "embed_size": 16, "sim_dim": 8, "num_regions": 6},
 }
 
 
