@@ -11,7 +11,11 @@ for the duration of the upstream call (the same patch as the LHSC fixtures, docs
 half runs.
 
     python benchmarks/bench_lhsc_similarity.py [--upstream PATH] [--images 100] [--captions 500]
-        [--device cpu|cuda] [--amp bf16|fp16] [--tf32] [--repeats 3] [--json out.json]
+        [--device cpu|cuda] [--amp bf16|fp16] [--tf32] [--repeats 3] [--json out.json] [--compare-float32-norm]
+
+``--compare-float32-norm`` also times itmzoo with the context norm's Gram quadratic form accumulated in
+float32 (the code before it moved to float64, kept here only as a yardstick), interleaved with the
+other runs, and reports the ratio of the two itmzoo times.
 """
 
 from __future__ import annotations
@@ -76,6 +80,27 @@ def _cuda_noop_on_cpu(device: torch.device):
         torch.Tensor.cuda = orig  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _float32_context_norm():
+    """Swap in the float32 Gram quadratic form of ``||Σ_r α_r v_r||`` (before the float64 fix) for timing."""
+    import itmzoo.models.lhsc as lhsc_module
+
+    def float32_gram(regions):
+        v = regions.float()
+        return torch.bmm(v, v.transpose(1, 2))
+
+    def float32_scale(regions, attn, eps=1e-8, gram=None):
+        g = float32_gram(regions) if gram is None else gram
+        return 1.0 / ((torch.bmm(attn, g) * attn).sum(-1).clamp(min=0).sqrt() + eps)
+
+    orig = lhsc_module.context_scale, lhsc_module.region_gram
+    lhsc_module.context_scale, lhsc_module.region_gram = float32_scale, float32_gram
+    try:
+        yield
+    finally:
+        lhsc_module.context_scale, lhsc_module.region_gram = orig
+
+
 def load_upstream(path: str):
     """Import `model` and `evaluation` from an LHSC checkout (both need `libs/` and `data.py` on the path)."""
     sys.path.insert(0, os.path.abspath(path))
@@ -97,6 +122,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compare-float32-norm", action="store_true")
     args = ap.parse_args()
 
     if args.threads:
@@ -163,13 +189,17 @@ def main() -> None:
 
         up = upstream_run
 
-    t_ours, t_up, rates = [], [], []
-    ours = ref = None
+    t_ours, t_up, t_f32, rates = [], [], [], []
+    ours = ref = f32 = None
     itmzoo_run()  # warm-up (allocator, thread pool)
-    for _ in range(args.repeats):  # interleaved, so all three see the same machine load
+    for _ in range(args.repeats):  # interleaved, so all runs see the same machine load
         rates.append(matmul_rate(device))
         ours, t = itmzoo_run()
         t_ours.append(t)
+        if args.compare_float32_norm:
+            with _float32_context_norm():
+                f32, t = itmzoo_run()
+            t_f32.append(t)
         if up is not None:
             ref, t = up()
             t_up.append(t)
@@ -192,6 +222,12 @@ def main() -> None:
         results.update({"upstream": u, "speedup_best": u["best_s"] / o["best_s"],
                         "speedup_median": float(np.median(np.array(t_up) / np.array(t_ours))),
                         "max_abs_diff": float(np.abs(ours.double().numpy() - ref).max())})
+    if t_f32:
+        f = summary(t_f32)
+        results.update({"itmzoo_float32_norm": f, "float64_norm_time_ratio_best": o["best_s"] / f["best_s"],
+                        "float64_norm_time_ratio_median": float(np.median(np.array(t_ours) / np.array(t_f32))),
+                        "float64_norm_time_ratios": [round(a / b, 4) for a, b in zip(t_ours, t_f32)],
+                        "float32_norm_max_abs_diff": float((ours - f32).abs().max())})
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:

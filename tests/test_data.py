@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,8 +189,63 @@ def test_word_tokenize_needs_no_nltk_data(monkeypatch, tmp_path):
         ["a", "man", "with", "a", "red", "helmet", "on", "a", "small", "moped", "on", "a", "dirt", "road", "."]
     assert word_tokenize("Two dogs don't play in a \"t-shirt\".") == \
         ["two", "dogs", "do", "n't", "play", "in", "a", "``", "t-shirt", "''", "."]
-    # without Punkt an inner sentence end stays attached (the documented difference)
+    # an abbreviation keeps its period (Punkt knows "d.c")
     assert word_tokenize("Washington D.C. at night.")[-3:] == ["d.c.", "at", "night", "."][-3:]
+
+
+def _punkt_cases() -> list[dict]:
+    path = Path(__file__).parent / "fixtures" / "punkt" / "word_tokenize.json"
+    return json.loads(path.read_text(encoding="utf-8"))["cases"]
+
+
+def test_word_tokenize_equals_nltk_with_punkt(monkeypatch, tmp_path):
+    """Against real `nltk.word_tokenize(caption.lower())` outputs recorded with the punkt_tab English model
+    (tests/fixtures/punkt/make_fixtures.py): multi-sentence captions and abbreviations (mr., st., u.s., d.c.)."""
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])  # no nltk data anywhere: the shipped asset is used
+    cases = _punkt_cases()
+    for case in cases:
+        assert word_tokenize(case["caption"]) == case["tokens"], case["caption"]
+        assert word_tokenize(case["caption"], sentence_split=False) == case["treebank_only"], case["caption"]
+    # the cases exercise the sentence splitter: Punkt changes the tokens of about half of them
+    assert sum(c["tokens"] != c["treebank_only"] for c in cases) >= 15
+    assert word_tokenize("A man in a red shirt. He is climbing")[5:8] == ["shirt", ".", "he"]
+    assert word_tokenize("Mr. Smith on St. Mark street in the U.S. and D.C. Look.")[:2] == ["mr.", "smith"]
+
+
+def test_scan_vocab_encodes_inner_sentence_periods(tmp_path):
+    vocab = Vocab(["a", "man", "in", "red", "shirt", ".", "he", "is", "climbing"])
+    ids = vocab.encode("A man in a red shirt. He is climbing")
+    assert 3 not in ids and ids[7] == vocab(".")         # `shirt.` would have been <unk> (3)
+
+
+def test_punkt_asset_checksum_and_rebuild(tmp_path):
+    import gzip
+
+    from itmzoo.data import punkt
+
+    assert punkt._read_asset()["abbrev_types"]                      # the shipped file passes its check
+    bad = tmp_path / "bad.json.gz"
+    data = gzip.decompress(punkt.ASSET.read_bytes()).replace(b'"mr"', b'"xx"')
+    bad.write_bytes(gzip.compress(data))
+    with pytest.raises(ValueError, match="sha256"):
+        punkt._read_asset(bad)
+    # a punkt_tab folder -> asset -> the same parameters, byte-reproducibly
+    src = tmp_path / "english"
+    src.mkdir()
+    (src / "abbrev_types.txt").write_text("mr\nst\nu.s\n")
+    (src / "collocations.tab").write_text("##number##\tinternational\n")
+    (src / "sent_starters.txt").write_text("he\nthe\n")
+    (src / "ortho_context.tab").write_text("he\t110\nshirt\t32\n")
+    sha = punkt.write_asset(src, tmp_path / "a.json.gz")
+    assert punkt.write_asset(src, tmp_path / "b.json.gz") == sha
+    got = punkt._read_asset(tmp_path / "a.json.gz", sha)
+    assert got["abbrev_types"] == ["mr", "st", "u.s"] and got["ortho_context"] == {"he": 110, "shirt": 32}
+    assert got["collocations"] == [["##number##", "international"]]
+    (src / "collocations.tab").write_text("oops\n")
+    with pytest.raises(ValueError, match="two tab-separated fields"):
+        punkt.write_asset(src, tmp_path / "c.json.gz")
 
 
 # -- HF and CLIP tokenizers --------------------------------------------------------------------------------

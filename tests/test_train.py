@@ -115,6 +115,34 @@ def test_rank_batches_make_up_the_single_process_batch_and_resume_skips():
     assert [set(b) for _, _, b in one] != single  # a new permutation each epoch
 
 
+def test_keeping_the_last_partial_batch():
+    keep = ResumableBatchSampler(10, 4, seed=1, drop_last=False)
+    keep.set_epoch(2)
+    batches = [b for _, _, b in keep]
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    drop = ResumableBatchSampler(10, 4, seed=1)
+    drop.set_epoch(2)
+    assert [b for _, _, b in drop] == batches[:2]          # the same order, the tail dropped
+    keep.set_epoch(2, start=2)
+    assert [b for _, _, b in keep] == batches[2:]          # resuming lands on the partial batch
+    # two ranks: the items are padded so both ranks hold equal batches, every item is seen
+    ranks = [ResumableBatchSampler(11, 2, seed=1, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    for r in ranks:
+        r.set_epoch(0)
+    per_rank = [[b for _, _, b in r] for r in ranks]
+    assert [len(b) for b in per_rank[0]] == [len(b) for b in per_rank[1]] == [2, 2, 2]
+    assert set(sum(per_rank[0] + per_rank[1], [])) == set(range(11))
+    # with accumulation the partial batch is the last micro-batch of an incomplete window (Lightning's rule)
+    assert TrainConfig.from_dict({"batch_size": 8, "accum_steps": 2, "drop_last": False}).drop_last is False
+
+
+def test_fit_trains_on_the_last_partial_batch(data, tmp_path):
+    tr, dv = data                                          # 32 images x 5 captions = 160 pairs
+    r = fit(toy(), tr, {"epochs": 1, "batch_size": 48, "drop_last": False, **QUIET}, dv, out_dir=tmp_path)
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert r.steps == 4 and recs[0]["steps_per_epoch"] == 4   # 48 + 48 + 48 + 16
+
+
 def test_data_randomness_is_fixed_per_batch_not_per_worker(data):
     tr, _ = data
     m = toy()

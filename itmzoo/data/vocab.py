@@ -1,8 +1,9 @@
 """SCAN-style word vocabulary and offline word tokenisation.
 
 Ids match SCAN/SGRAF/VSE-infinity: ``<pad>=0, <start>=1, <end>=2, <unk>=3``, then the words of the
-vocabulary json in its own order. Tokenisation is nltk's Treebank word tokenizer run without the Punkt
-sentence splitter (``word_tokenize(..., preserve_line=True)``), which needs no downloaded data.
+vocabulary json in its own order. Tokenisation is SCAN's ``nltk.word_tokenize(caption.lower())``: Punkt
+sentence splitting (English parameters shipped in itmzoo, see `itmzoo.data.punkt`), then nltk's Treebank
+word tokenizer on each sentence; no nltk data is downloaded.
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ __all__ = ["SPECIALS", "Vocab", "word_tokenize"]
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 
 
-def word_tokenize(text: str) -> list[str]:
-    """Lower-cased Treebank tokens, as SCAN tokenises captions, without Punkt data."""
+def word_tokenize(text: str, sentence_split: bool = True) -> list[str]:
+    """``nltk.word_tokenize(text.lower())``, as SCAN/SGRAF/LHSC/ESA tokenise captions, offline.
+
+    Punkt splits the lower-cased text into sentences, so a period that ends an inner sentence is its own
+    token (``shirt . he``), while abbreviations keep theirs (``mr.``, ``st.``, ``u.s.``, ``d.c.``).
+    ``sentence_split=False`` is nltk's ``preserve_line=True`` (Treebank only): such a period then stays
+    on its word (``shirt.``), which the SCAN vocabularies do not contain.
+    """
     from nltk.tokenize import word_tokenize as _wt
 
-    return _wt(text.lower(), preserve_line=True)
+    from .punkt import sent_tokenize
+
+    text = text.lower()
+    sentences = sent_tokenize(text) if sentence_split else [text]
+    return [tok for sent in sentences for tok in _wt(sent, preserve_line=True)]
 
 
 class Vocab:

@@ -603,7 +603,7 @@ TAGS_BIGRU: dict[str, Tag] = {
                   "f30k-1k.t2i_r1": 61.1, "f30k-1k.t2i_r5": 85.9, "f30k-1k.t2i_r10": 91.1, "f30k-1k.rsum": 514.7,
                   "ensemble2.f30k-1k.rsum": 520.2},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "vocab": "SCAN f30k_precomp_vocab.json + <mask>",
-                       "tokenizer": "nltk Treebank word_tokenize on lower-cased text"},
+                       "tokenizer": "nltk word_tokenize (Punkt + Treebank) on lower-cased text"},
         license="MIT", note=_PAPER_NOTE),
     "coco": Tag(
         overrides={"vocab_size": 11354, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]}, dataset="coco",
@@ -614,7 +614,7 @@ TAGS_BIGRU: dict[str, Tag] = {
                   "coco-5k.i2t_r10": 91.8, "coco-5k.t2i_r1": 41.2, "coco-5k.t2i_r5": 71.4, "coco-5k.t2i_r10": 82.2,
                   "coco-5k.rsum": 429.6, "ensemble2.coco-1k-5fold.rsum": 527.6, "ensemble2.coco-5k.rsum": 433.5},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "vocab": "SCAN coco_precomp_vocab.json + <mask>",
-                       "tokenizer": "nltk Treebank word_tokenize on lower-cased text"},
+                       "tokenizer": "nltk word_tokenize (Punkt + Treebank) on lower-cased text"},
         license="MIT", note=_PAPER_NOTE),
 }
 

@@ -30,7 +30,11 @@ BatchKey = tuple[int, int, list[int]]  # (epoch, batch index in the epoch, item 
 
 
 class ResumableBatchSampler(Sampler[BatchKey]):
-    """This rank's batches of one epoch, from `start` on, as ``(epoch, batch, indices)`` keys."""
+    """This rank's batches of one epoch, from `start` on, as ``(epoch, batch, indices)`` keys.
+
+    ``drop_last=False`` keeps the last, smaller batch (SCAN/LHSC train on it). Across several ranks the
+    items are then first padded by repeating a few, so every rank holds as many (DistributedSampler).
+    """
 
     def __init__(self, n_items: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool = True) -> None:
