@@ -285,9 +285,9 @@ def test_context_scale_is_exact_for_short_contexts():
 
 
 def _tiny(**kw) -> torch.nn.Module:
-    from itmzoo.models.lhsc import TINY_OVERRIDES
-
-    return itmzoo.build("lhsc", **{**TINY_OVERRIDES["lhsc"], **kw})
+    cfg = dict(vocab_size=40, img_dim=24, word_dim=12, embed_size=16, sim_dim=8, num_regions=6)
+    cfg.update(kw)
+    return itmzoo.build("lhsc", **cfg)
 
 
 def _random_batch(n: int, seed: int = 0, img_dim: int = 24, regions: int = 6, vocab: int = 40) -> dict:

@@ -45,7 +45,7 @@ from ..losses import hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
 
-__all__ = ["LHSC", "TAGS", "TINY_OVERRIDES", "LHSCConfig", "convert_official", "lhsc"]
+__all__ = ["LHSC", "TAGS", "LHSCConfig", "convert_official", "lhsc"]
 
 UPSTREAM = "lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7"
 
