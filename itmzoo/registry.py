@@ -119,6 +119,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
            upstream="lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7",
            text_backbone="bigru", image_backbone="butd-regions"),
+        _b("scta", "itmzoo.models.scta:scta", input_kind="pixels", scoring="cross",
+           paper="SCTA: sparse cross-modal token aggregation for image-text retrieval (ICME 2025, on LAPS CVPR 2024)",
+           upstream="ICME2025ITR/SCTA @ 9612c1a4d7b60cf46ca5cda86a370d1c7e6a98ad",
+           text_backbone="bert-base-uncased", image_backbone="vit-base-patch16-224-in21k"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}
