@@ -325,3 +325,21 @@ def test_hooks_warmup_and_param_groups():
     assert [g["lr"] for g in groups] == pytest.approx([2e-4, 2e-5, 2e-5, 2e-4, 2e-4])
     n = sum(len(g["params"]) for g in groups)
     assert n == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_keep_mask_ties_fall_back_to_upstream_sort():
+    """Duplicated patches tie at the keep boundary: exactly keep_n are kept, chosen as upstream's sort does."""
+    from itmzoo.models.scta import SCTA
+
+    g = torch.Generator().manual_seed(3)
+    pn = torch.nn.functional.normalize(torch.randn(2, 16, 8, generator=g), dim=-1)
+    pn[:, 8:] = pn[:, :8]                                    # every score appears twice
+    a_self = (torch.nn.functional.normalize(pn.mean(1, keepdim=True), dim=-1) * pn).sum(-1)
+    q = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    keep, score = SCTA._keep_mask(pn, a_self, q, 7)
+    assert keep.sum(-1).eq(7).all()
+    for i in range(2):
+        for j in range(3):
+            exact = a_self[i] + (q[j][None] * pn[i]).sum(-1)
+            idx = torch.sort(exact, descending=True).indices[:7]
+            assert keep[i, j].nonzero().squeeze(1).tolist() == sorted(idx.tolist())

@@ -405,33 +405,63 @@ class SCTA(ITMModel):
         return torch.cat(rows, 0)
 
     def _tile(self, patches, pn, a_self, slot_logit, cls_n, caps, cap_mask, q, keep_n) -> torch.Tensor:
+        """Scores ``[bi, bj]`` of a tile; see ``_pair_scores``. Equal to upstream's per-caption loop up to rounding."""
         bi, n, dim = patches.shape
-        bj = caps.shape[0]
+        bj, t = caps.shape[0], caps.shape[1]
         with torch.no_grad():
-            score = a_self[:, None, :] + torch.einsum("inc,jc->ijn", pn, q)        # [bi, bj, N]
-            srt = torch.sort(score, dim=-1, descending=True)
-            # the product above rounds differently from upstream's elementwise sum: where the keep
-            # boundary is that close, recompute the pair's scores exactly as upstream does
-            near = (srt.values[..., keep_n - 1] - srt.values[..., keep_n]) < 1e-5
-            if near.any():
-                ii, jj = near.nonzero(as_tuple=True)
-                score[ii, jj] = a_self[ii] + (q[jj][:, None, :] * pn[ii]).sum(-1)
-                srt = torch.sort(score, dim=-1, descending=True)
-            keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, srt.indices[..., :keep_n], True)
-            w_drop = torch.softmax(score.masked_fill(keep, float("-inf")), dim=-1)  # extra token weights
-        att = torch.softmax(slot_logit[:, None].masked_fill(~keep[:, :, None, :], float("-inf")), dim=-1)
-        weights = torch.cat([att, w_drop[:, :, None, :].to(att.dtype)], 2)         # [bi, bj, S + 1, N]
-        s1 = weights.shape[2]
-        toks = torch.bmm(weights.reshape(bi, bj * s1, n), patches).view(bi, bj, s1, dim)
-        toks = F.normalize(toks, dim=-1)
-        sim = torch.einsum("ijvc,jtc->ijtv", toks, caps)                           # [bi, bj, T, S + 1]
+            keep, score = self._keep_mask(pn, a_self, q, keep_n)                 # [bi, bj, N]
+            # extra token: softmax over the dropped patches; the normalisation constant is left out
+            # because the token is L2-normalised below (same for the slots)
+            w_drop = torch.exp(score - score.amax(-1, keepdim=True)).masked_fill_(keep, 0)
+            keep_f = keep.to(patches.dtype)
+        e = torch.exp(slot_logit - slot_logit.amax(-1, keepdim=True))             # [bi, S, N], once per image
+        s = e.shape[1]
+        # a slot whose kept logits all underflow after subtracting the max over every patch: use the
+        # exact masked softmax for this tile instead (never seen in practice)
+        safe = bool((torch.bmm(keep_f, e.detach().transpose(1, 2)) > 1e-30).all())
+        if not safe:
+            e = torch.softmax(slot_logit[:, None].masked_fill(~keep[:, :, None, :], float("-inf")), dim=-1)
+            w_slots = e
+        else:
+            w_slots = e[:, None] * keep_f[:, :, None, :]                            # [bi, bj, S, N]
+        if torch.is_grad_enabled():
+            weights = torch.cat([w_slots, w_drop[:, :, None, :]], 2)
+        else:
+            weights = patches.new_empty(bi, bj, s + 1, n)
+            weights[:, :, :s] = w_slots
+            weights[:, :, s] = w_drop
+        toks = torch.bmm(weights.view(bi, bj * (s + 1), n), patches).view(bi * bj, s + 1, dim)
+        norms = torch.linalg.vector_norm(toks, dim=-1).clamp_min(1e-12)            # F.normalize's denominator
+        caps_e = caps[None].expand(bi, bj, t, dim).reshape(bi * bj, t, dim)
+        sim = (torch.bmm(toks, caps_e.transpose(1, 2)) / norms[..., None]).view(bi, bj, s + 1, t)
         if cls_n is not None:
-            sim = torch.cat([torch.einsum("ic,jtc->ijt", cls_n, caps)[..., None], sim], -1)
+            cls_sim = (cls_n @ caps.reshape(bj * t, dim).t()).view(bi, bj, 1, t)
+            sim = torch.cat([cls_sim, sim], 2)                                    # [bi, bj, V, T]
         sim = F.leaky_relu(sim, negative_slope=0.1)
-        m = cap_mask[None, :, :]                                                   # [1, bj, T]
-        t2i = (sim.max(-1).values * m).sum(-1) / m.sum(-1)
-        i2t = sim.masked_fill(~m[..., None], float("-inf")).max(2).values.mean(-1)
+        m = cap_mask[None, :, None, :]                                             # [1, bj, 1, T]
+        t2i = (sim.amax(2) * m[:, :, 0]).sum(-1) / m[:, :, 0].sum(-1)
+        i2t = sim.masked_fill(~m, float("-inf")).amax(-1).mean(-1)
         return t2i + i2t
+
+    @staticmethod
+    def _keep_mask(pn, a_self, q, keep_n) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``keep_n`` patches of ``cos(patch, image mean) + cos(patch, caption mean)`` per pair."""
+        bi, n, dim = pn.shape
+        bj = q.shape[0]
+        score = a_self[:, None, :] + (pn.reshape(bi * n, dim) @ q.t()).view(bi, n, bj).transpose(1, 2)
+        thr = torch.kthvalue(score, n - keep_n + 1, dim=-1, keepdim=True).values  # keep_n-th largest
+        keep = score >= thr
+        below = score.masked_fill(keep, float("-inf")).amax(-1)
+        # the product rounds differently from upstream's elementwise sum: where the keep boundary is
+        # that close (or tied), recompute the pair's scores exactly as upstream and select by its sort
+        near = ((thr[..., 0] - below) < 1e-5) | (keep.sum(-1) != keep_n)
+        if near.any():
+            ii, jj = near.nonzero(as_tuple=True)
+            exact = a_self[ii] + (q[jj][:, None, :] * pn[ii]).sum(-1)
+            idx = torch.sort(exact, dim=-1, descending=True).indices[:, :keep_n]
+            score[ii, jj] = exact
+            keep[ii, jj] = torch.zeros_like(exact, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep, score
 
     # -- training ----------------------------------------------------------------------------------
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
