@@ -343,3 +343,52 @@ def test_keep_mask_ties_fall_back_to_upstream_sort():
             exact = a_self[i] + (q[j][None] * pn[i]).sum(-1)
             idx = torch.sort(exact, descending=True).indices[:7]
             assert keep[i, j].nonzero().squeeze(1).tolist() == sorted(idx.tolist())
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+def test_learns_on_synthetic_pictures():
+    """Tiny ViT + BERT from scratch, through the shared trainer: test rsum far above chance after 3 epochs."""
+    from itmzoo.data.synthetic import SyntheticShapes
+    from itmzoo.eval import evaluate
+    from itmzoo.train.engine import fit
+    from itmzoo.train.run import chance_metrics
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ds = SyntheticShapes({"train": 300, "test": 100}, seed=0, image_size=64)
+        train, test = ds.split("train", "pixels"), ds.split("test", "pixels")
+        torch.manual_seed(0)
+        tiny = TINY_OVERRIDES["scta"]
+        model = itmzoo.build("scta", **{**tiny, "bert_config": {**tiny["bert_config"], "vocab_size": 76, "hidden_dropout_prob": 0.0},
+                                        "tokenizer": str(Path(__file__).parent.parent / "configs/vocab/synthetic_shapes_bert"),
+                                        "backbone_lr_mult": 1.0, "vse_mean_warmup_epochs": 100, "loss_warmup_epoch": None})
+        before = evaluate(model, test, "full", progress=False)["rsum"]
+        fit(model, train, {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4,
+                           "progress": False, "log_every": 1000})
+        after = evaluate(model, test, "full", progress=False)["rsum"]
+    finally:
+        torch.set_num_threads(threads)
+    chance = chance_metrics(test.caption_to_image)["rsum"]  # about 32 for 100 images x 5 captions
+    assert after > 2 * chance and after > before + 25, (chance, before, after)
+
+
+@pytest.mark.parametrize("name", ["scta_f30k", "scta_coco", "scta_demo_synthetic"])
+def test_run_configs_are_valid(name):
+    from itmzoo.config import load_run_config
+    from itmzoo.registry import resolve_config
+    from itmzoo.train.run import parse_run_config
+
+    run = parse_run_config(load_run_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml"))
+    entry, cfg = resolve_config(run.model_name, run.model_fields)
+    assert entry.name == "scta" and cfg.margin == 0.2
+    if name != "scta_demo_synthetic":  # the authors' recipe
+        t = run.train
+        assert (t.lr, t.epochs, t.lr_decay_epochs, t.lr_decay_factor, t.grad_clip, t.optimizer, t.weight_decay) == \
+            (2e-4, 30, [9, 15, 20, 25], 0.3, 2.0, "adamw", 1e-4)
+        assert t.batch_size == (128 if "f30k" in name else 64)
+        assert (cfg.num_slots, cfg.hidden_dim, cfg.vse_mean_warmup_epochs, cfg.loss_warmup_epoch) == (29, 102, 1, 0)
+        assert cfg.vit_pretrained == "google/vit-base-patch16-224-in21k" and cfg.bert_pretrained == "bert-base-uncased"
+        assert run.eval.protocol == ("f30k-1k" if "f30k" in name else "coco-1k-5fold")
