@@ -37,7 +37,7 @@ def caption_lengths(n: int, seed: int = 0) -> torch.Tensor:
 
 def load_upstream(path: str):
     sys.path.insert(0, path)
-    import lib.cross_net as cross_net
+    from lib import cross_net
 
     opt = types.SimpleNamespace(embed_size=512, num_patches=196, img_sparse_ratio=0.5, img_aggr_ratio=0.3,
                                 cap_aggr_ratio=0.75, attention_weight=0.8, monitor_weight=2.0)

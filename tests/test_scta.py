@@ -16,7 +16,13 @@ import torch
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.eval.similarity import similarity_matrix
-from itmzoo.models.scta import TINY_OVERRIDES, SCTATokenizer, _rename_vit, convert_official, draw_fc2
+from itmzoo.models.scta import (
+    TINY_OVERRIDES,
+    SCTATokenizer,
+    _rename_vit,
+    convert_official,
+    draw_fc2,
+)
 
 FIX = Path(__file__).parent / "fixtures" / "scta"
 TOL = 1e-5
@@ -70,7 +76,7 @@ def _draws(z: dict, prefix: str, ks: list[int], hidden: int) -> list[tuple[torch
 
 
 def test_tiny_encoders_match_upstream(tiny):
-    meta, z, model = tiny
+    _meta, z, model = tiny
     model.eval()
     with torch.no_grad():
         img = model.encode_image({"pixels": torch.from_numpy(z["pixels"])})
@@ -162,7 +168,7 @@ def full():
     model = itmzoo.build("scta", embed_size=512, num_patches=196,
                          vit_config={**TINY_OVERRIDES["scta"]["vit_config"], "image_size": 224},
                          bert_config=TINY_OVERRIDES["scta"]["bert_config"])
-    model.cross_net.load_state_dict({k[len("cross_net."):] if k.startswith("cross_net.") else k: v
+    model.cross_net.load_state_dict({k.removeprefix("cross_net."): v
                                      for k, v in _state(z).items()}, strict=True)
     return meta, z, model, _full_inputs(meta)
 
@@ -194,7 +200,7 @@ def test_full_size_similarity_matches_upstream(full, shard):
 
 
 def test_full_size_training_loss_and_gradients_match_upstream(full):
-    meta, z, model, x = full
+    _meta, z, model, x = full
     model.train()
     model.on_epoch_start(1)          # hardest negatives
     model.loss_alpha = 1.0
@@ -275,7 +281,7 @@ def test_save_and_load_native_round_trip(tmp_path):
 
 
 def test_checkpoint_with_transformers4_vit_names_loads_strictly(tiny, tmp_path):
-    meta, z, model = tiny
+    meta, z, _model = tiny
     state = {_rename_vit(k, False): v for k, v in _state(z).items()}
     assert any(".encoder.layer.0.attention.attention.query." in k for k in state)
     state["txt_enc.bert.embeddings.position_ids"] = torch.arange(160)[None]  # old files keep it; ignored
@@ -292,7 +298,7 @@ def test_checkpoint_with_transformers4_vit_names_loads_strictly(tiny, tmp_path):
 
 
 def test_laps_and_swin_checkpoints_are_refused(tiny):
-    meta, z, _ = tiny
+    _meta, z, _ = tiny
     state = {k.replace("cross_net.img_aggr_net.", "cross_net.aggr_net."): v for k, v in _state(z).items()
              if not k.startswith("cross_net.cap_aggr_net.")}
     with pytest.raises(CheckpointError, match="LAPS"):
@@ -336,7 +342,7 @@ def test_keep_mask_ties_fall_back_to_upstream_sort():
     pn[:, 8:] = pn[:, :8]                                    # every score appears twice
     a_self = (torch.nn.functional.normalize(pn.mean(1, keepdim=True), dim=-1) * pn).sum(-1)
     q = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
-    keep, score = SCTA._keep_mask(pn, a_self, q, 7)
+    keep, _score = SCTA._keep_mask(pn, a_self, q, 7)
     assert keep.sum(-1).eq(7).all()
     for i in range(2):
         for j in range(3):
@@ -392,3 +398,34 @@ def test_run_configs_are_valid(name):
         assert (cfg.num_slots, cfg.hidden_dim, cfg.vse_mean_warmup_epochs, cfg.loss_warmup_epoch) == (29, 102, 1, 0)
         assert cfg.vit_pretrained == "google/vit-base-patch16-224-in21k" and cfg.bert_pretrained == "bert-base-uncased"
         assert run.eval.protocol == ("f30k-1k" if "f30k" in name else "coco-1k-5fold")
+
+
+def test_backward_reaches_every_trainable_parameter_and_accumulation_is_exact():
+    """One loss over a batch reaches every trainable parameter; two micro-batches give the same gradients."""
+    model = _tiny_model(cap_fc2="fixed").train()
+    model.on_epoch_start(1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (4, 9), generator=g)
+    lens = torch.tensor([9, 4, 6, 3])
+    ids[:, 0] = 2
+    for i, n in enumerate(lens.tolist()):
+        ids[i, n - 1], ids[i, n:] = 3, 0
+    batch = {"pixels": torch.randn(4, 3, 64, 64, generator=g), "input_ids": ids, "lengths": lens,
+             "image_index": torch.tensor([0, 1, 1, 2])}
+    for m in model.modules():  # dropout off, so the two passes see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.zero_grad()
+    model(batch)["loss"].backward()
+    whole = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k, v in whole.items() if v is None]
+    assert not missing and all(not p.requires_grad for k, p in model.named_parameters() if ".pooler." in k)
+    from itmzoo.features import cat_features
+
+    model.zero_grad()
+    parts = [model.train_features({k: v[s] for k, v in batch.items()}) for s in (slice(0, 2), slice(2, 4))]
+    feats = {"image": cat_features([p["image"] for p in parts]), "text": cat_features([p["text"] for p in parts])}
+    model.train_loss(feats, batch)["loss"].backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            _close(p.grad, whole[k], 1e-5)

@@ -38,7 +38,8 @@ import dataclasses
 import functools
 import math
 import random as _random
-from typing import Any, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +49,17 @@ from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.vocab import pad_ids
 from ..encoders.backbones import ARCHITECTURES, hf_config, load_pretrained_weights
-from ..encoders.hf_text import WordPieceSplitter, augment_word_pieces, build_hf_text_model, load_hf_tokenizer
+from ..encoders.hf_text import (
+    WordPieceSplitter,
+    augment_word_pieces,
+    build_hf_text_model,
+    load_hf_tokenizer,
+)
 from ..losses import hinge_triplet_loss, positive_mask
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
 
-__all__ = ["SCTA", "SCTAConfig", "SCTATokenizer", "TAGS", "TINY_OVERRIDES", "convert_official", "scta"]
+__all__ = ["SCTA", "TAGS", "TINY_OVERRIDES", "SCTAConfig", "SCTATokenizer", "convert_official", "scta"]
 
 UPSTREAM = "ICME2025ITR/SCTA @ 9612c1a4d7b60cf46ca5cda86a370d1c7e6a98ad"
 PARENT = "CrossmodalGroup/LAPS @ 355a43babb70a3fdfbe74aabebad9a8414b91b3b"
@@ -132,6 +138,14 @@ class SCTAConfig(ModelConfig):
 # modules (upstream names)
 
 
+def _freeze_pooler(model: nn.Module) -> None:
+    """The HF pooler is built (its weights are in upstream's checkpoints) but its output is never used:
+    it gets no gradient, so it is frozen (AdamW skips it upstream too) and DDP needs no unused-parameter search."""
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+
+
 class VisionEncoder(nn.Module):
     """``visual_encoder`` (HF ViTModel, with its unused pooler) -> ``vision_proj``."""
 
@@ -142,6 +156,7 @@ class VisionEncoder(nn.Module):
         self.visual_encoder = AutoModel.from_config(hf_config(c.vit_arch, c.vit_config))
         hidden = self.visual_encoder.config.hidden_size
         self.vision_proj = nn.Identity() if hidden == c.embed_size else nn.Linear(hidden, c.embed_size)
+        _freeze_pooler(self.visual_encoder)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(self.visual_encoder(pixel_values=pixels).last_hidden_state)
@@ -155,6 +170,7 @@ class TextEncoder(nn.Module):
         self.bert = build_hf_text_model(c.bert_arch, c.bert_config)
         hidden = self.bert.config.hidden_size
         self.fc = nn.Identity() if hidden == c.embed_size else nn.Linear(hidden, c.embed_size)
+        _freeze_pooler(self.bert)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.fc(self.bert(input_ids=ids, attention_mask=(ids != 0).float())[0])
@@ -278,7 +294,7 @@ class SCTA(ITMModel):
             return EvalSettings(block=(self.config.shard_size, self.config.shard_size), seed=self.config.fc2_seed)
         return EvalSettings(block=(self.config.shard_size, self.config.shard_size))
 
-    def train(self, mode: bool = True) -> "SCTA":
+    def train(self, mode: bool = True) -> SCTA:
         if not mode:  # every evaluation starts the reference draws from the seed
             self.reset_fc2_rng()
         return super().train(mode)
@@ -350,7 +366,7 @@ class SCTA(ITMModel):
                       fc2: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised caption tokens ``[Bt, 1 + k_max, C]``, their mask, and the no-grad caption query ``[Bt, C]``."""
         agg = self.cross_net.cap_aggr_net
-        bt, _, c = txt.shape
+        bt, _, _c = txt.shape
         lengths = mask.sum(1)
         with torch.no_grad():
             # upstream: normalize(mean of the l raw rows); CPU mean is sum then division
@@ -376,7 +392,7 @@ class SCTA(ITMModel):
 
     def _pair_scores(self, img: torch.Tensor, caps: torch.Tensor, cap_mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         c = self.config
-        bv, lv, dim = img.shape
+        bv, lv, _dim = img.shape
         has_cls = not _is_square(lv)
         patches = img[:, 1:] if has_cls else img
         n = patches.shape[1]
