@@ -359,8 +359,10 @@ class SCTA(ITMModel):
             fc2 = self.draw_fc2_layers(ks)
         elif len(fc2) != txt.shape[0]:
             raise ValueError(f"scta: {len(fc2)} fc2 layers for {txt.shape[0]} captions")
-        caps, cap_mask, q = self._caption_side(txt, mask, ks, fc2)
-        return self._pair_scores(img, caps, cap_mask, q)
+        # fp32 even under autocast: the kept patch set is decided by score differences near 1e-5
+        with torch.autocast(img.device.type, enabled=False):
+            caps, cap_mask, q = self._caption_side(txt.float(), mask, ks, fc2)
+            return self._pair_scores(img.float(), caps, cap_mask, q)
 
     def _caption_side(self, txt: torch.Tensor, mask: torch.Tensor, ks: list[int],
                       fc2: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
