@@ -15,14 +15,9 @@ import torch
 
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
+from itmzoo.encoders.vit import _rename_layer_key
 from itmzoo.eval.similarity import similarity_matrix
-from itmzoo.models.scta import (
-    TINY_OVERRIDES,
-    SCTATokenizer,
-    _rename_vit,
-    convert_official,
-    draw_fc2,
-)
+from itmzoo.models.scta import TINY_OVERRIDES, SCTATokenizer, convert_official, draw_fc2
 
 FIX = Path(__file__).parent / "fixtures" / "scta"
 TOL = 1e-5
@@ -124,7 +119,7 @@ def test_tiny_training_loss_and_gradients_match_upstream(tiny, mode):
     _close(out["loss"].detach(), z[f"train_{mode}_loss"])
     out["loss"].backward()
     prefix = f"train_{mode}_grad."
-    up_grads = {_rename_vit(k[len(prefix):], True): v for k, v in z.items() if k.startswith(prefix)}
+    up_grads = {k[len(prefix):]: v for k, v in z.items() if k.startswith(prefix)}  # transformers-5 names
     mine = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert set(up_grads) <= set(mine)
     for k, g in up_grads.items():
@@ -282,7 +277,8 @@ def test_save_and_load_native_round_trip(tmp_path):
 
 def test_checkpoint_with_transformers4_vit_names_loads_strictly(tiny, tmp_path):
     meta, z, _model = tiny
-    state = {_rename_vit(k, False): v for k, v in _state(z).items()}
+    vit = "img_enc.visual_encoder."
+    state = {(vit + _rename_layer_key(k[len(vit):], "v4") if k.startswith(vit) else k): v for k, v in _state(z).items()}
     assert any(".encoder.layer.0.attention.attention.query." in k for k in state)
     state["txt_enc.bert.embeddings.position_ids"] = torch.arange(160)[None]  # old files keep it; ignored
     path = tmp_path / "v4.pth"

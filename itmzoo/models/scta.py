@@ -48,13 +48,14 @@ from torch import nn
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.vocab import pad_ids
-from ..encoders.backbones import ARCHITECTURES, hf_config, load_pretrained_weights
+from ..encoders.backbones import ARCHITECTURES, load_pretrained_weights
 from ..encoders.hf_text import (
     WordPieceSplitter,
     augment_word_pieces,
     build_hf_text_model,
     load_hf_tokenizer,
 )
+from ..encoders.vit import VIT_ARCH, build_vit, vit_state_for
 from ..losses import hinge_triplet_loss, positive_mask
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
@@ -69,8 +70,7 @@ PARENT = "CrossmodalGroup/LAPS @ 355a43babb70a3fdfbe74aabebad9a8414b91b3b"
 class SCTAConfig(ModelConfig):
     """Architecture, fc2 mode, loss and evaluation settings (defaults: upstream's ``arguments.py``)."""
 
-    vit_arch: str = "vit-base-patch16-224"      # itmzoo.encoders.backbones.ARCHITECTURES
-    vit_config: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of its fields
+    vit_config: dict[str, Any] = dataclasses.field(default_factory=dict)   # overrides of the ViT-B/16 fields
     vit_pretrained: str | None = None           # hub id / folder for init_pretrained (upstream: in21k)
     bert_arch: str = "bert-base-uncased"
     bert_config: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -113,10 +113,11 @@ class SCTAConfig(ModelConfig):
                               "at least one aggregated slot is needed")
         if int(self.embed_size * self.aggr_dim_ratio) < 1:
             raise ConfigError("scta: int(embed_size * aggr_dim_ratio) must be >= 1")
-        for name, arch, kind in (("vit_arch", self.vit_arch, "vit"), ("bert_arch", self.bert_arch, "bert")):
-            if ARCHITECTURES.get(arch, {}).get("model_type") != kind:
-                raise ConfigError(f"scta: {name} must name a {kind} architecture, got {arch!r}")
-        vit = {**ARCHITECTURES[self.vit_arch], **self.vit_config}
+        if ARCHITECTURES.get(self.bert_arch, {}).get("model_type") != "bert":
+            raise ConfigError(f"scta: bert_arch must name a bert architecture, got {self.bert_arch!r}")
+        if "model_type" in self.vit_config or "model_type" in self.bert_config:
+            raise ConfigError("scta: vit_config / bert_config override fields of the architecture, not model_type")
+        vit = {**ARCHITECTURES[VIT_ARCH], **self.vit_config}
         grid = vit["image_size"] // vit["patch_size"]
         if grid * grid != self.num_patches:
             raise ConfigError(f"scta: num_patches={self.num_patches} but the ViT has {grid * grid} patches "
@@ -151,9 +152,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, c: SCTAConfig) -> None:
         super().__init__()
-        from transformers import AutoModel
-
-        self.visual_encoder = AutoModel.from_config(hf_config(c.vit_arch, c.vit_config))
+        self.visual_encoder = build_vit(c.vit_config)
         hidden = self.visual_encoder.config.hidden_size
         self.vision_proj = nn.Identity() if hidden == c.embed_size else nn.Linear(hidden, c.embed_size)
         _freeze_pooler(self.visual_encoder)
@@ -285,7 +284,7 @@ class SCTA(ITMModel):
     def image_transform_for(self, train: bool):
         from ..data.transforms import image_transform
 
-        size = {**ARCHITECTURES[self.config.vit_arch], **self.config.vit_config}["image_size"]
+        size = {**ARCHITECTURES[VIT_ARCH], **self.config.vit_config}["image_size"]
         return image_transform("vit", size, train=train)
 
     def eval_settings(self) -> EvalSettings:
@@ -539,39 +538,21 @@ class SCTA(ITMModel):
 # ---------------------------------------------------------------------------------------------------
 # official checkpoints
 
-_VIT_4_TO_5 = (  # transformers 4.x ViT names -> 5.x names (after "img_enc.visual_encoder.")
-    ("encoder.layer.", "layers."),
-    ("attention.attention.query.", "attention.q_proj."),
-    ("attention.attention.key.", "attention.k_proj."),
-    ("attention.attention.value.", "attention.v_proj."),
-    ("attention.output.dense.", "attention.o_proj."),
-    ("intermediate.dense.", "mlp.fc1."),
-    ("output.dense.", "mlp.fc2."),
-)
 _VIT = "img_enc.visual_encoder."
 
 
 @functools.lru_cache(maxsize=1)
-def _installed_vit_uses_v5_names() -> bool:
-    from transformers import ViTConfig, ViTModel
-
-    tiny = ViTModel(ViTConfig(hidden_size=4, num_hidden_layers=1, num_attention_heads=1, intermediate_size=4,
-                              image_size=4, patch_size=4))
-    return any(k.startswith("layers.0.") for k in tiny.state_dict())
+def _vit_template() -> nn.Module:
+    """A tiny ViT of the installed transformers: its key layout is what a checkpoint is renamed to."""
+    return build_vit({"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 4,
+                      "image_size": 4, "patch_size": 4})
 
 
-def _rename_vit(key: str, to_v5: bool) -> str:
-    if not key.startswith(_VIT):
-        return key
-    rest = key[len(_VIT):]
-    pairs = _VIT_4_TO_5 if to_v5 else tuple((b, a) for a, b in _VIT_4_TO_5)
-    if to_v5 and not rest.startswith("encoder.layer."):
-        return key
-    if not to_v5 and not rest.startswith("layers."):
-        return key
-    for old, new in pairs:
-        rest = rest.replace(old, new, 1) if old in rest else rest
-    return _VIT + rest
+def _vit_keys_for_installed(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the ``img_enc.visual_encoder.*`` keys to the installed transformers' ViT layout (4.x or 5.x)."""
+    vit = {k[len(_VIT):]: v for k, v in state.items() if k.startswith(_VIT)}
+    rest = {k: v for k, v in state.items() if not k.startswith(_VIT)}
+    return {**rest, **{_VIT + k: v for k, v in vit_state_for(_vit_template(), vit).items()}}
 
 
 _OPT_FIELDS = ("img_sparse_ratio", "img_aggr_ratio", "cap_aggr_ratio", "embed_size", "max_word", "margin",
@@ -600,8 +581,7 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     given = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt) if isinstance(opt, Mapping) else {}
     if "swin" in str(given.get("vit_type", "vit")):
         raise CheckpointError("SCTA checkpoint with a Swin backbone: itmzoo implements the ViT variant only")
-    to_v5 = _installed_vit_uses_v5_names()
-    state = {_rename_vit(k, to_v5): v for k, v in state.items()}
+    state = _vit_keys_for_installed(state)
     inferred: dict[str, Any] = {k: given[k] for k in _OPT_FIELDS if k in given}
     for k in ("img_sparse_ratio", "img_aggr_ratio", "cap_aggr_ratio", "margin", "monitor_weight"):
         if k in inferred:
