@@ -365,7 +365,6 @@ def test_learns_on_synthetic_pictures():
         torch.manual_seed(0)
         tiny = TINY_OVERRIDES["scta"]
         model = itmzoo.build("scta", **{**tiny, "bert_config": {**tiny["bert_config"], "vocab_size": 76, "hidden_dropout_prob": 0.0},
-                                        "tokenizer": str(Path(__file__).parent.parent / "configs/vocab/synthetic_shapes_bert"),
                                         "backbone_lr_mult": 1.0, "vse_mean_warmup_epochs": 100, "loss_warmup_epoch": None})
         before = evaluate(model, test, "full", progress=False)["rsum"]
         fit(model, train, {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4,

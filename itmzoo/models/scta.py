@@ -39,6 +39,7 @@ import functools
 import math
 import random as _random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -622,9 +623,13 @@ TAGS = {
     ),
 }
 
-#: tiny random model for the generic tests (no files): 64 px, 16 patches -> 8 kept, 2 slots
+# the WordPiece vocabulary of the synthetic captions (repository checkouts; tests and the demo use it)
+_SYNTHETIC_VOCAB = Path(__file__).resolve().parents[2] / "configs" / "vocab" / "synthetic_shapes_bert"
+
+#: tiny random model for the generic tests (no downloads): 64 px, 16 patches -> 8 kept, 2 slots
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "scta": {
+        "tokenizer": str(_SYNTHETIC_VOCAB),
         "vit_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37,
                        "image_size": 64},
         "bert_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37,
