@@ -17,6 +17,7 @@ __all__ = [
     "RegionTransform",
     "RetrievalSplit",
     "SYNTHETIC_VOCAB",
+    "SYNTHETIC_WORDPIECE",
     "SyntheticShapes",
     "Vocab",
     "image_transform",
@@ -33,6 +34,7 @@ __all__ = [
 _LAZY = {
     "SyntheticShapes": ".synthetic",
     "SYNTHETIC_VOCAB": ".synthetic",
+    "SYNTHETIC_WORDPIECE": ".synthetic",
     "Vocab": ".vocab",
     "image_transform": ".transforms",
     "RegionTransform": ".transforms",

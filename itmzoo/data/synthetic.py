@@ -32,11 +32,14 @@ import numpy as np
 
 from .split import RetrievalSplit
 
-__all__ = ["COLOURS", "SHAPES", "SIZES", "SYNTHETIC_VOCAB", "SceneObject", "SyntheticShapes"]
+__all__ = ["COLOURS", "SHAPES", "SIZES", "SYNTHETIC_VOCAB", "SYNTHETIC_WORDPIECE", "SceneObject", "SyntheticShapes"]
 
 #: SCAN-format vocabulary of every word the synthetic captions use (shipped with the package), so
 #: word-vocabulary models (ESA BiGRU, LHSC) tokenise the built-in data anywhere, offline
 SYNTHETIC_VOCAB = str(Path(__file__).with_name("assets") / "synthetic_shapes_vocab.json")
+#: an uncased WordPiece tokenizer folder (HF format) over the same words, for BERT-based models' demos
+#: and tiny test builds (random BERT weights sized to its 76 ids)
+SYNTHETIC_WORDPIECE = str(Path(__file__).with_name("assets") / "synthetic_shapes_bert")
 
 # name, RGB, caption words (synonyms)
 COLOURS: tuple[tuple[str, tuple[int, int, int], tuple[str, ...]], ...] = (

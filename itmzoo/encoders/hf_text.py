@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["HFTextError", "WordPieceSplitter", "build_hf_text_model", "load_hf_tokenizer"]
+__all__ = ["HFTextError", "WordPieceSplitter", "augment_word_pieces", "build_hf_text_model", "load_hf_tokenizer"]
 
 
 class HFTextError(RuntimeError):
@@ -79,3 +79,24 @@ class WordPieceSplitter:
 
     def __call__(self, text: str) -> list[list[int]]:
         return [self.pieces(w) for w in self.words(text)]
+
+
+def augment_word_pieces(splitter: WordPieceSplitter, caption: str, rng: Any, prob: float = 0.2) -> list[int]:
+    """VSE-infinity's whole-word caption augmentation: ``[CLS] + altered pieces + [SEP]``.
+
+    One ``rng.random()`` per basic word; with probability `prob` the word is altered: (draw rescaled to
+    [0, 1)) < 0.5 masks every piece, < 0.6 replaces every piece by a random vocabulary entry (one
+    ``rng.choice`` per piece, over the whole vocabulary in id order), otherwise the word is deleted.
+    """
+    out: list[int] = []
+    for pieces in splitter(caption):
+        p = rng.random()
+        if p < prob:
+            p /= prob
+            if p < 0.5:
+                out.extend([splitter.mask_id] * len(pieces))
+            elif p < 0.6:
+                out.extend(rng.choice(splitter.ids_in_vocab_order) for _ in pieces)
+        else:
+            out.extend(pieces)
+    return [splitter.cls_id, *out, splitter.sep_id]
