@@ -119,6 +119,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
            upstream="lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7",
            text_backbone="bigru", image_backbone="butd-regions"),
+        _b("multisea", "itmzoo.models.multisea:multisea", input_kind="pixels", scoring="two-stage",
+           paper="Multi-SEA: Multi-stage Semantic Enhancement and Aggregation for image-text retrieval (IPM 2025)",
+           upstream="jim4399266/Multi-SEA @ 3941a497683b405df5943579ca1fd4c28d9a3b45",
+           text_backbone="roberta-base", image_backbone="clip-vit-b16 (11 blocks)"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}
