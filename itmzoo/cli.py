@@ -105,34 +105,60 @@ def parse_data_spec(text: str) -> dict[str, Any]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from . import api
-    from .train.run import chance_metrics, format_metrics, load_data
+    from . import distributed as D
+    from .eval import chance_metrics, eval_options, format_metrics
 
     overrides = _parse_kv(args.set or [], "--set")
-    if args.pretrained:
-        if args.model or args.checkpoint:
-            raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
-        model = api.load(args.pretrained, **overrides)
-        source = args.pretrained
-    elif args.model:
-        if not args.checkpoint:
-            print(f"itmzoo eval: note: no --checkpoint, evaluating '{args.model}' with random weights", file=sys.stderr)
-        model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
-        source = args.checkpoint or "random weights"
-    else:
+    # arguments first, so a typo fails before a process group or a model is set up
+    opts = eval_options(protocol=args.protocol, batch_size=args.batch_size, text_batch_size=args.text_batch_size,
+                        block=tuple(args.block) if args.block else None, rerank_k=args.rerank_k,
+                        pair_batch_size=args.pair_batch_size, amp=args.amp, progress=not args.quiet)
+    spec = parse_data_spec(args.data)
+    if args.pretrained and (args.model or args.checkpoint):
+        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
+    if not (args.pretrained or args.model):
         raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
-    import torch
+    _, world, local_rank = D.init_from_env()  # under torchrun every rank takes a share of the work
+    main = D.is_main_process()
+    try:
+        if args.pretrained:
+            model = api.load(args.pretrained, **overrides)
+            source = args.pretrained
+        else:
+            if not args.checkpoint and main:
+                print(f"itmzoo eval: note: no --checkpoint, evaluating '{args.model}' with random weights",
+                      file=sys.stderr)
+            model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
+            source = args.checkpoint or "random weights"
+        import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    split = load_data(parse_data_spec(args.data))
-    from .eval import evaluate
+        if args.device:
+            device = args.device
+        elif torch.cuda.is_available():
+            device = f"cuda:{local_rank}" if world > 1 else "cuda"
+        else:
+            device = "cpu"
+        model.to(device).eval()
+        from .data import load_split
 
-    metrics = evaluate(model, split, args.protocol, batch_size=args.batch_size, device=device, amp=args.amp,
-                       progress=not args.quiet)
+        split = load_split(dict(spec))
+        from .eval import evaluate
+
+        metrics = evaluate(model, split, options=opts, device=device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if not main:
+        return 0
     metrics.pop("sims", None)
     metrics["checkpoint"] = str(source)
     print(f"{getattr(split, 'name', '') or 'split'} ({metrics['protocol']}, {metrics['n_images']} images, "
           f"{metrics['n_captions']} captions): {format_metrics(metrics)}")
+    if "two_stage" in metrics:
+        ts = metrics["two_stage"]
+        print(f"two-stage: k = {ts['rerank_k']}; first stage alone: {format_metrics(ts['first_stage'])}")
     if args.chance:
         print(f"chance level: {format_metrics(chance_metrics(split.caption_to_image))}")
     if args.out:
@@ -197,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     pt.set_defaults(func=_cmd_train)
 
-    pe = sub.add_parser("eval", parents=[common], help="evaluate a model on a split under a protocol")
+    pe = sub.add_parser("eval", parents=[common], help="evaluate a model on a split under a protocol",
+                        description="Evaluate a model; launch with torchrun --nproc_per_node=N -m itmzoo.cli eval ... "
+                                    "to share encoding and scoring among N processes (rank 0 prints).")
     pe.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
     pe.add_argument("--checkpoint", help="official checkpoint file or native directory for --model")
     pe.add_argument("--pretrained", help="native directory written by save_pretrained / itmzoo train (DIR/best)")
@@ -208,7 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--out", help="write the metrics JSON here")
     pe.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     pe.add_argument("--amp", choices=["bf16", "fp16"], help="encode under autocast (CUDA)")
-    pe.add_argument("--batch-size", dest="batch_size", type=int, default=128)
+    pe.add_argument("--batch-size", dest="batch_size", type=int, default=128, help="images/captions per encode call")
+    pe.add_argument("--text-batch-size", dest="text_batch_size", type=int,
+                    help="captions per encode call (default: the model's eval settings, else --batch-size)")
+    pe.add_argument("--block", type=int, nargs=2, metavar=("IMAGES", "CAPTIONS"),
+                    help="pairs per similarity call (default: the model's, else 256 1024); under torchrun the "
+                         "ranks share these blocks")
+    pe.add_argument("--rerank-k", dest="rerank_k", type=int,
+                    help="two-stage models: candidates re-scored per query (default: the model's)")
+    pe.add_argument("--pair-batch-size", dest="pair_batch_size", type=int, default=4096,
+                    help="two-stage models: second-stage pairs per call")
     pe.add_argument("--chance", action="store_true", help="also print the recall of a random ranking")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_eval)

@@ -20,6 +20,7 @@ written this way trains unchanged on one device. This module imports nothing hea
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Mapping
 
@@ -27,8 +28,12 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "all_gather_with_grad",
     "barrier",
+    "broadcast_object",
+    "gather_features_nograd",
+    "gather_to_main",
     "gather_features",
     "get_rank",
     "get_world_size",
@@ -60,20 +65,35 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_env() -> tuple[int, int, int]:
+# Collectives wait this long before failing. Every rank now takes part in evaluation (a COCO 5K
+# cross-model evaluation can take hours on few GPUs), so the backends' defaults (10 min for NCCL
+# with async error handling, 30 min for gloo) are too short; ITMZOO_DIST_TIMEOUT_S overrides it.
+DEFAULT_TIMEOUT_S = 6 * 3600
+
+
+def init_from_env(timeout_s: float | None = None) -> tuple[int, int, int]:
     """Join the process group that ``torchrun`` describes in the environment; ``(rank, world, local_rank)``.
 
     Uses NCCL when CUDA is available and gloo otherwise; without ``WORLD_SIZE`` > 1 it does nothing.
+    Collectives time out after `timeout_s` (default: ``ITMZOO_DIST_TIMEOUT_S`` or 6 hours).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
         return 0, 1, 0
     if not dist.is_initialized():
+        if timeout_s is None:
+            raw = os.environ.get("ITMZOO_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+            try:
+                timeout_s = float(raw)
+            except ValueError:
+                raise ValueError(f"ITMZOO_DIST_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+        if timeout_s <= 0:
+            raise ValueError(f"the process-group timeout must be positive, got {timeout_s} s")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -144,3 +164,50 @@ def gather_features(feats: Any) -> Any:
     if isinstance(feats, Mapping):
         return {k: gather_features(v) for k, v in feats.items()}
     raise TypeError(f"gather_features expects a tensor or a dict of tensors, got {type(feats).__name__}")
+
+
+def gather_features_nograd(feats: Any) -> Any:
+    """Rows of a feature set (tensor or dict of tensors) from every rank, in rank order, without a graph.
+
+    Every rank receives the whole set. A rank may hold zero rows if it still has the right keys and
+    trailing shapes; token dims are zero-padded to the largest rank's, as `cat_features` pads batches.
+    """
+    if not is_distributed():
+        return feats
+    if isinstance(feats, Mapping):
+        return {k: gather_features_nograd(v) for k, v in feats.items()}
+    t = feats.detach()
+    if t.dtype == torch.bool:  # gloo has no bool all_gather
+        return _raw_gather(t.to(torch.uint8))[0].bool()
+    return _raw_gather(t)[0]
+
+
+def gather_to_main(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's 1-D tensor `t` (lengths may differ), on rank 0 only (others get None).
+
+    Memory: rank 0 receives world x the longest piece; the other ranks send theirs and keep nothing.
+    """
+    if not is_distributed():
+        return [t]
+    if t.dim() != 1:
+        raise ValueError(f"gather_to_main sends 1-D tensors, got shape {tuple(t.shape)}")
+    n = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = max(int(s) for s in sizes)
+    send = torch.nn.functional.pad(t.contiguous(), (0, longest - t.numel()))
+    if dist.get_rank() == 0:
+        recv = [torch.empty_like(send) for _ in sizes]
+        dist.gather(send, recv, dst=0)
+        return [r[: int(s)] for r, s in zip(recv, sizes)]
+    dist.gather(send, None, dst=0)
+    return None
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's picklable `obj` on every rank (the identity outside a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

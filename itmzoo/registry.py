@@ -123,6 +123,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="Multi-SEA: Multi-stage Semantic Enhancement and Aggregation for image-text retrieval (IPM 2025)",
            upstream="jim4399266/Multi-SEA @ 3941a497683b405df5943579ca1fd4c28d9a3b45",
            text_backbone="roberta-base", image_backbone="clip-vit-b16 (11 blocks)"),
+        # the composition's parts are chosen by its config; the entry states the default (ESA -> LHSC)
+        _b("two_stage", "itmzoo.models.two_stage:two_stage", input_kind="regions", scoring="two-stage",
+           paper="itmzoo composition: a first-stage model's top k re-scored by a second model (ALBEF/BLIP recipe)",
+           text_backbone="per part", image_backbone="per part"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}

@@ -1,17 +1,27 @@
-"""Evaluation: block-wise similarity, recall metrics, protocols and ensembles."""
+"""Evaluation: block-wise similarity, two-stage re-ranking, recall metrics, protocols and ensembles.
 
+Evaluating a model imports nothing of `itmzoo.train`.
+"""
+
+from .options import EvalOptions, eval_options
 from .protocols import (PROTOCOLS, ensemble_similarity, evaluate, evaluate_ensemble, metrics_from_sims,
                         protocol_folds)
-from .recall import METRIC_KEYS, rank_metrics, recall_metrics, retrieval_ranks
+from .recall import METRIC_KEYS, DirectionalScores, rank_metrics, recall_metrics, retrieval_ranks
+from .report import chance_metrics, format_metrics
 from .similarity import encode_split, similarity_matrix
 
 __all__ = [
     "METRIC_KEYS",
     "PROTOCOLS",
+    "DirectionalScores",
+    "EvalOptions",
+    "chance_metrics",
     "encode_split",
     "ensemble_similarity",
+    "eval_options",
     "evaluate",
     "evaluate_ensemble",
+    "format_metrics",
     "metrics_from_sims",
     "protocol_folds",
     "rank_metrics",

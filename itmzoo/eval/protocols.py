@@ -11,13 +11,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Sequence
+import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .recall import METRIC_KEYS, TieMode, recall_metrics
+from .options import EvalOptions, ResolvedSettings, eval_options, resolve_settings
+from .recall import METRIC_KEYS, DirectionalScores, TieMode, recall_metrics
 
 __all__ = ["PROTOCOLS", "Protocol", "ensemble_similarity", "evaluate", "evaluate_ensemble", "metrics_from_sims",
            "protocol_folds"]
@@ -71,9 +74,18 @@ def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS}
 
 
-def metrics_from_sims(sims: torch.Tensor | np.ndarray | Sequence[torch.Tensor], caption_to_image: np.ndarray,
-                      protocol: str = "full", tie_mode: TieMode = "optimistic") -> dict[str, Any]:
-    """Metrics of a full score matrix (or of the list of per-fold matrices) under `protocol`."""
+def _slice_fold(S: Any, f_img: slice, caps: np.ndarray) -> Any:
+    if isinstance(S, DirectionalScores):
+        return DirectionalScores(_slice_fold(S.i2t, f_img, caps), _slice_fold(S.t2i, f_img, caps))
+    return S[f_img][:, torch.as_tensor(caps)]
+
+
+def metrics_from_sims(sims: Any, caption_to_image: np.ndarray, protocol: str = "full",
+                      tie_mode: TieMode = "optimistic") -> dict[str, Any]:
+    """Metrics of a full score matrix (or of the list of per-fold matrices) under `protocol`.
+
+    A matrix may be a `DirectionalScores` (one matrix per direction, as two-stage models give).
+    """
     c2i = np.asarray(caption_to_image, dtype=np.int64)
     p = get_protocol(protocol)
     if isinstance(sims, (list, tuple)):
@@ -84,7 +96,7 @@ def metrics_from_sims(sims: torch.Tensor | np.ndarray | Sequence[torch.Tensor], 
         n_images = sims.shape[0]
         folds = protocol_folds(protocol, c2i, n_images)
         S = torch.as_tensor(np.asarray(sims)) if isinstance(sims, np.ndarray) else sims
-        fold_sims = [S[f_img][:, torch.as_tensor(caps)] if p.n_folds > 1 else S for f_img, caps in folds]
+        fold_sims = [_slice_fold(S, f_img, caps) if p.n_folds > 1 else S for f_img, caps in folds]
     rows = []
     for (f_img, caps), S in zip(folds, fold_sims):
         rows.append(recall_metrics(S, c2i[caps] - f_img.start, tie_mode=tie_mode))
@@ -96,44 +108,43 @@ def metrics_from_sims(sims: torch.Tensor | np.ndarray | Sequence[torch.Tensor], 
     return out
 
 
-def _fold_sims(model: torch.nn.Module, img: Any, txt: Any, folds: list[tuple[slice, np.ndarray]], n_folds: int,
-               **kw: Any) -> list[torch.Tensor]:
-    from ..features import slice_features
-    from .similarity import similarity_matrix
-
-    if n_folds == 1:
-        return [similarity_matrix(model, img, txt, **kw)]
-    return [similarity_matrix(model, slice_features(img, f_img), slice_features(txt, torch.as_tensor(caps)), **kw)
-            for f_img, caps in folds]
+def _model_name(m: torch.nn.Module) -> str:
+    return getattr(m, "registry_name", None) or type(m).__name__
 
 
 def _provenance(split: Any, models: Sequence[torch.nn.Module]) -> dict[str, Any]:
     from .._version import __version__
 
     return {"split": getattr(split, "name", ""), "itmzoo_version": __version__,
-            "model": [getattr(m, "registry_name", type(m).__name__) for m in models]
-            if len(models) > 1 else getattr(models[0], "registry_name", type(models[0]).__name__)}
+            "model": [_model_name(m) for m in models] if len(models) > 1 else _model_name(models[0])}
 
 
-def evaluate(model: torch.nn.Module, split: Any, protocol: str = "full", *, batch_size: int = 128,
-             device: str | torch.device | None = None, amp: str | None = None,
-             block: tuple[int, int] = (256, 1024), dtype: torch.dtype | None = None,
-             tie_mode: TieMode = "optimistic", num_workers: int = 0, progress: bool = True,
-             return_sims: bool = False) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, split: Any, protocol: str | None = None, *,
+             options: EvalOptions | Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Encode `split` with `model`, score it under `protocol` and return metrics plus provenance.
 
-    Only the blocks a protocol needs are scored (for ``coco-1k-5fold`` the 5 diagonal folds, a fifth of
-    the full matrix), which matters for cross-interaction models.
+    Keywords are the fields of `itmzoo.eval.EvalOptions` (``batch_size``, ``device``, ``amp``, ``block``,
+    ``rerank_k``, ``progress``, ...), given one by one or as ``options=``; ``None`` fields follow the
+    model's ``eval_settings()``. Only the blocks a protocol needs are scored (for ``coco-1k-5fold`` the 5
+    diagonal folds). Two-stage models are re-ranked (`itmzoo.eval.rerank`) and the result records k and
+    both stages. Inside an initialised process group (``torchrun``) every rank takes a share of the
+    encoding and scoring, and every rank returns the same metrics (score matrices on rank 0 only).
     """
-    return evaluate_ensemble([model], split, protocol, batch_size=batch_size, device=device, amp=amp, block=block,
-                             dtype=dtype, tie_mode=tie_mode, num_workers=num_workers, progress=progress,
-                             return_sims=return_sims)
+    return evaluate_ensemble([model], split, protocol, options=options, **overrides)
 
 
-def ensemble_similarity(sims: Sequence[torch.Tensor | np.ndarray], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Weighted mean of score matrices (upstream ``eval_ensemble``: the plain mean of two)."""
+def ensemble_similarity(sims: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
+    """Weighted mean of score matrices (upstream ``eval_ensemble``: the plain mean of two).
+
+    With any `DirectionalScores` among them, each direction is averaged on its own (a single matrix
+    stands for both directions).
+    """
     if not sims:
         raise ValueError("ensemble needs at least one similarity matrix")
+    if any(isinstance(s, DirectionalScores) for s in sims):
+        as_pair = [s if isinstance(s, DirectionalScores) else DirectionalScores(s, s) for s in sims]
+        return DirectionalScores(ensemble_similarity([s.i2t for s in as_pair], weights),
+                                 ensemble_similarity([s.t2i for s in as_pair], weights))
     mats = [torch.as_tensor(np.asarray(s)) if isinstance(s, np.ndarray) else s for s in sims]
     if len({tuple(m.shape) for m in mats}) != 1:
         raise ValueError(f"ensemble members have different shapes: {[tuple(m.shape) for m in mats]}")
@@ -146,30 +157,101 @@ def ensemble_similarity(sims: Sequence[torch.Tensor | np.ndarray], weights: Sequ
     return out
 
 
-def evaluate_ensemble(models: Sequence[torch.nn.Module], split: Any, protocol: str = "full", *,
-                      weights: Sequence[float] | None = None, batch_size: int = 128,
-                      device: str | torch.device | None = None, amp: str | None = None,
-                      block: tuple[int, int] = (256, 1024), dtype: torch.dtype | None = None,
-                      tie_mode: TieMode = "optimistic", num_workers: int = 0, progress: bool = True,
-                      return_sims: bool = False) -> dict[str, Any]:
-    """Average the score matrices of several models (fold by fold) and evaluate the mean."""
+def _score_model(model: torch.nn.Module, img: Any, txt: Any, folds: list[tuple[slice, np.ndarray]], n_folds: int,
+                 opts: EvalOptions, settings: ResolvedSettings, device: torch.device | None,
+                 dist_on: bool) -> tuple[list[Any], list[Any]] | None:
+    """Per fold: the scores to rank (a matrix or `DirectionalScores`) and, for two-stage models, the
+    `TwoStageScores`. None on ranks other than 0 of a distributed evaluation."""
+    from ..features import slice_features
+    from .rerank import two_stage_scores
+    from .similarity import similarity_matrix
+
+    dtype = torch.float64 if opts.sims_dtype == "float64" else None
+    parts = [(img, txt)] if n_folds == 1 else [(slice_features(img, f_img), slice_features(txt, torch.as_tensor(caps)))
+                                               for f_img, caps in folds]
+    scores, stages = [], []
+    for im, tx in parts:
+        if model.scoring == "two-stage":
+            r = two_stage_scores(model, im, tx, settings.rerank_k, block=settings.block,
+                                 pair_batch_size=opts.pair_batch_size, device=device, amp=opts.amp, dtype=dtype,
+                                 progress=opts.progress, distributed=dist_on)
+            scores.append(None if r is None else DirectionalScores(r.i2t, r.t2i))
+            stages.append(r)
+        else:
+            scores.append(similarity_matrix(model, im, tx, block=settings.block, device=device, amp=opts.amp,
+                                            dtype=dtype, progress=opts.progress, distributed=dist_on))
+            stages.append(None)
+    if scores and scores[0] is None:
+        return None
+    return scores, stages
+
+
+def evaluate_ensemble(models: Sequence[torch.nn.Module], split: Any, protocol: str | None = None, *,
+                      weights: Sequence[float] | None = None, options: EvalOptions | Mapping[str, Any] | None = None,
+                      **overrides: Any) -> dict[str, Any]:
+    """Average the score matrices of several models (fold by fold) and evaluate the mean.
+
+    Keywords as for `evaluate`; each model is encoded and scored with its own ``eval_settings()``.
+    """
+    from .. import distributed as D
+    from .rerank import describe
     from .similarity import encode_split
 
     if not models:
         raise ValueError("evaluate_ensemble needs at least one model")
+    opts = eval_options(options, **overrides)
+    protocol = protocol or opts.protocol
     p = get_protocol(protocol)
+    dist_on = D.is_distributed() if opts.distributed is None else (opts.distributed and D.is_distributed())
+    main = not dist_on or D.is_main_process()
     folds = protocol_folds(protocol, split.caption_to_image, split.num_images)
-    per_model = []
+    progress = opts.progress and main
+    opts = dataclasses.replace(opts, progress=progress)
+    per_model, stage_info, seconds = [], [], {"encode": 0.0, "score": 0.0}
     for m in models:
-        img, txt = encode_split(m, split, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
-                                progress=progress)
-        per_model.append(_fold_sims(m, img, txt, folds, p.n_folds, block=block, device=device, amp=amp,
-                                    dtype=dtype, progress=progress))
-    fold_sims = [ensemble_similarity([pm[k] for pm in per_model], weights) for k in range(len(folds))]
-    out = metrics_from_sims(fold_sims, split.caption_to_image, protocol, tie_mode=tie_mode)
-    out.update(_provenance(split, models))
-    if weights is not None:
-        out["ensemble_weights"] = list(weights)
-    if return_sims:
+        settings = resolve_settings(m, opts)
+        device = torch.device(opts.device) if opts.device is not None else None
+        t0 = time.perf_counter()
+        img, txt = encode_split(m, split, batch_size=opts.batch_size, device=device, amp=opts.amp,
+                                num_workers=opts.num_workers, progress=progress,
+                                image_batch_size=settings.image_batch_size,
+                                text_batch_size=settings.text_batch_size, distributed=dist_on)
+        t1 = time.perf_counter()
+        rng = contextlib.nullcontext() if settings.seed is None else torch.random.fork_rng(
+            devices=[device] if device is not None and device.type == "cuda" else [])
+        with rng:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            got = _score_model(m, img, txt, folds, p.n_folds, opts, settings, device, dist_on)
+        seconds["encode"] += t1 - t0
+        seconds["score"] += time.perf_counter() - t1
+        del img, txt
+        if got is None:
+            continue
+        per_model.append(got[0])
+        if m.scoring == "two-stage":
+            info: dict[str, Any] = {"model": _model_name(m), "rerank_k": settings.rerank_k}
+            info.update(describe(got[1][0]) if len(got[1]) == 1 else {
+                "folds": [describe(r) for r in got[1]]})
+            first = [r.first for r in got[1]]
+            info["first_stage"] = {k: v for k, v in metrics_from_sims(
+                first, split.caption_to_image, protocol, tie_mode=opts.tie_mode).items() if k in METRIC_KEYS}
+            stage_info.append(info)
+    out: dict[str, Any] | None = None
+    fold_sims: list[Any] = []
+    if main:
+        fold_sims = [ensemble_similarity([pm[k] for pm in per_model], weights) for k in range(len(folds))]
+        out = metrics_from_sims(fold_sims, split.caption_to_image, protocol, tie_mode=opts.tie_mode)
+        out.update(_provenance(split, models))
+        out["seconds"] = seconds
+        if dist_on:
+            out["world_size"] = D.get_world_size()
+        if stage_info:
+            out["two_stage"] = stage_info[0] if len(models) == 1 else stage_info
+        if weights is not None:
+            out["ensemble_weights"] = list(weights)
+    if dist_on:
+        out = D.broadcast_object(out)
+    if main and opts.return_sims:
         out["sims"] = fold_sims if p.n_folds > 1 else fold_sims[0]
     return out

@@ -17,6 +17,7 @@ captions never count against an image).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal, Sequence
 
@@ -30,7 +31,20 @@ METRIC_KEYS = (
     "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum",
 )
 
-__all__ = ["METRIC_KEYS", "rank_metrics", "recall_metrics", "retrieval_ranks"]
+__all__ = ["METRIC_KEYS", "DirectionalScores", "rank_metrics", "recall_metrics", "retrieval_ranks"]
+
+
+@dataclasses.dataclass
+class DirectionalScores:
+    """One score matrix per direction, both ``[n_images, n_captions]`` (two-stage models re-rank each
+    direction separately): i2t ranks come from `i2t`, t2i ranks from `t2i`."""
+
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.i2t.shape
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray | Sequence, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -138,12 +152,17 @@ def rank_metrics(ranks: torch.Tensor | np.ndarray, ks: Sequence[int] = RECALL_KS
 
 
 def recall_metrics(
-    sims: torch.Tensor | np.ndarray,
+    sims: torch.Tensor | np.ndarray | DirectionalScores,
     caption_to_image: torch.Tensor | np.ndarray | Sequence[int],
     tie_mode: TieMode = "optimistic",
 ) -> dict[str, float]:
-    """All standard metrics of one score matrix: ``i2t_r1 ... t2i_meanr, rsum`` (percent, 1-based ranks)."""
-    i2t, t2i = retrieval_ranks(sims, caption_to_image, tie_mode=tie_mode)
+    """All standard metrics of one score matrix (or of one matrix per direction):
+    ``i2t_r1 ... t2i_meanr, rsum`` (percent, 1-based ranks)."""
+    if isinstance(sims, DirectionalScores):
+        i2t = retrieval_ranks(sims.i2t, caption_to_image, tie_mode=tie_mode)[0]
+        t2i = retrieval_ranks(sims.t2i, caption_to_image, tie_mode=tie_mode)[1]
+    else:
+        i2t, t2i = retrieval_ranks(sims, caption_to_image, tie_mode=tie_mode)
     out: dict[str, float] = {}
     for prefix, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k, v in rank_metrics(ranks).items():

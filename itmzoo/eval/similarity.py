@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..features import Features, cat_features, features_len, features_to, slice_features
 
-__all__ = ["autocast_context", "encode_split", "similarity_matrix"]
+__all__ = ["autocast_context", "block_tiles", "encode_split", "similarity_matrix"]
 
 
 def autocast_context(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
@@ -38,61 +38,166 @@ def _encode(fn, loader: Iterable, device: torch.device, amp: str | None, keep_on
     return cat_features(parts)
 
 
+def _shard(n_items: int, batch_size: int, rank: int, world: int) -> range:
+    """This rank's contiguous run of whole batches (so every batch is the one a single process encodes)."""
+    n_batches = -(-n_items // batch_size)
+    a, b = rank * n_batches // world, (rank + 1) * n_batches // world
+    return range(min(a * batch_size, n_items), min(b * batch_size, n_items))
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_encoded(local: Features | None, template: Features | None, device: torch.device,
+                    keep_on: torch.device | str) -> Features:
+    """Every rank's encoded rows, concatenated in rank (= split) order, on every rank."""
+    from .. import distributed as D
+
+    if local is None:  # this rank had no batch: send zero rows of the right layout
+        local = ({k: v[:0] for k, v in template.items()} if isinstance(template, dict) else template[:0])
+    comm = _comm_device(device)
+    return features_to(D.gather_features_nograd(features_to(local, comm)), keep_on)
+
+
 @torch.no_grad()
 def encode_split(model: torch.nn.Module, split: Any, batch_size: int = 128, device: str | torch.device | None = None,
                  amp: str | None = None, num_workers: int = 0, progress: bool = True,
-                 keep_on: str | torch.device = "cpu") -> tuple[Features, Features]:
-    """Encode each unique image once and every caption once, in split order (model in eval mode)."""
+                 keep_on: str | torch.device = "cpu", *, image_batch_size: int | None = None,
+                 text_batch_size: int | None = None, distributed: bool = False) -> tuple[Features, Features]:
+    """Encode each unique image once and every caption once, in split order (model in eval mode).
+
+    Batch sizes: the arguments, else ``model.eval_settings()``, else `batch_size` (text features that
+    depend on batch padding, as LHSC's, must be encoded in the reference's batches). With
+    `distributed`, each rank of the process group encodes a contiguous run of whole batches and every
+    rank receives all features.
+    """
+    from torch.utils.data import Subset
+
     from ..data.collate import eval_loaders
 
     device = torch.device(device) if device is not None else model.device
+    settings = model.eval_settings()
+    ibs = image_batch_size or settings.image_batch_size or batch_size
+    tbs = text_batch_size or settings.text_batch_size or batch_size
+    rank, world = 0, 1
+    if distributed:
+        from .. import distributed as D
+
+        rank, world = D.get_rank(), D.get_world_size()
     was_training = model.training
     model.eval()
     try:
-        images, captions = eval_loaders(split, model, batch_size=batch_size, num_workers=num_workers)
-        text_bs = model.eval_settings().text_batch_size
-        if text_bs:  # features that depend on batch padding (LHSC): encode captions as the reference did
-            _, captions = eval_loaders(split, model, batch_size=text_bs, num_workers=num_workers)
-        img = _encode(model.encode_image, images, device, amp, keep_on, "encode images", progress)
-        txt = _encode(model.encode_text, captions, device, amp, keep_on, "encode captions", progress)
+        images, _ = eval_loaders(split, model, batch_size=ibs, num_workers=num_workers)
+        _, captions = eval_loaders(split, model, batch_size=tbs, num_workers=num_workers)
+        out = []
+        for fn, loader, bs, n, what in ((model.encode_image, images, ibs, split.num_images, "images"),
+                                        (model.encode_text, captions, tbs, split.num_captions, "captions")):
+            if world > 1:
+                mine = _shard(n, bs, rank, world)
+                loader = torch.utils.data.DataLoader(Subset(loader.dataset, mine), batch_size=bs, shuffle=False,
+                                                     num_workers=num_workers, collate_fn=loader.collate_fn)
+            feats = _encode(fn, loader, device, amp, keep_on, f"encode {what}", progress) if len(loader) else None
+            if world > 1:
+                layouts: list[Any] = [None] * world
+                torch.distributed.all_gather_object(layouts, None if feats is None else _layout(feats))
+                template = _empty_like_layout(next(x for x in layouts if x is not None))
+                feats = _gather_encoded(feats, template, device, keep_on)
+            out.append(feats)
     finally:
         model.train(was_training)
-    return img, txt
+    return out[0], out[1]
+
+
+def _layout(feats: Features) -> Any:
+    if isinstance(feats, torch.Tensor):
+        return (tuple(feats.shape[1:]), feats.dtype)
+    return {k: (tuple(v.shape[1:]), v.dtype) for k, v in feats.items()}
+
+
+def _empty_like_layout(layout: Any) -> Features:
+    if isinstance(layout, tuple):
+        return torch.empty((0, *layout[0]), dtype=layout[1])
+    return {k: torch.empty((0, *shape), dtype=dtype) for k, (shape, dtype) in layout.items()}
+
+
+def block_tiles(n_img: int, n_txt: int, block: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The ``(row, col, rows, cols)`` tiles of the block grid, row-major (the same in every process)."""
+    bi, bt = block
+    if bi <= 0 or bt <= 0:
+        raise ValueError(f"block sizes must be positive, got {block}")
+    return [(i, j, min(bi, n_img - i), min(bt, n_txt - j)) for i in range(0, n_img, bi) for j in range(0, n_txt, bt)]
+
+
+def _score_tiles(model: torch.nn.Module, image_feats: Features, text_feats: Features,
+                 tiles: list[tuple[int, int, int, int]], device: torch.device, amp: str | None,
+                 dtype: torch.dtype | None, out_dtype: torch.dtype, progress: bool):
+    """Yield ``(tile, scores)`` for each tile (scores on the CPU, `out_dtype`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for tile in tqdm(tiles, desc="similarity", disable=not progress or len(tiles) < 2, leave=False):
+            i, j, h, w = tile
+            im = features_to(slice_features(image_feats, slice(i, i + h)), device, dtype)
+            tx = features_to(slice_features(text_feats, slice(j, j + w)), device, dtype)
+            with autocast_context(device, amp):
+                s = model.similarity(im, tx)
+            if tuple(s.shape) != (h, w):
+                raise RuntimeError(f"{type(model).__name__}.similarity returned shape {tuple(s.shape)} for a "
+                                   f"block of {h} images x {w} captions")
+            yield tile, s.to("cpu", out_dtype)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
 def similarity_matrix(model: torch.nn.Module, image_feats: Features, text_feats: Features,
                       block: tuple[int, int] = (256, 1024), device: str | torch.device | None = None,
                       amp: str | None = None, dtype: torch.dtype | None = None,
-                      progress: bool = True) -> torch.Tensor:
+                      progress: bool = True, distributed: bool = False) -> torch.Tensor | None:
     """``[n_images, n_captions]`` scores of any model, computed in blocks with bounded memory.
 
     Each block of ``block[0]`` images x ``block[1]`` captions is moved to `device`, scored with
     ``model.similarity`` (optionally under autocast) and copied back to a CPU matrix of `dtype`
     (float32 by default; float64 reproduces the VSE-family reference, which multiplies float32
     embeddings in float64).
+
+    With `distributed`, the ranks of the process group share the blocks (contiguous runs of the same
+    row-major grid, so every block is scored exactly as one process scores it) and rank 0 receives the
+    matrix; the other ranks return None.
     """
     device = torch.device(device) if device is not None else model.device
-    bi, bt = block
-    if bi <= 0 or bt <= 0:
-        raise ValueError(f"block sizes must be positive, got {block}")
     n_img, n_txt = features_len(image_feats), features_len(text_feats)
     out_dtype = dtype or torch.float32
+    tiles = block_tiles(n_img, n_txt, block)
+    rank, world = 0, 1
+    if distributed:
+        from .. import distributed as D
+
+        rank, world = D.get_rank(), D.get_world_size()
+    mine = tiles[rank * len(tiles) // world:(rank + 1) * len(tiles) // world]
+    if world == 1:
+        sims = torch.empty(n_img, n_txt, dtype=out_dtype)
+        for (i, j, h, w), s in _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype, out_dtype,
+                                            progress):
+            sims[i:i + h, j:j + w] = s
+        return sims
+    from .. import distributed as D
+
+    parts = [s.reshape(-1) for _, s in _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype,
+                                                     out_dtype, progress)]
+    comm = _comm_device(device)
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=out_dtype)
+    pieces = D.gather_to_main(flat.to(comm))
+    if pieces is None:
+        return None
     sims = torch.empty(n_img, n_txt, dtype=out_dtype)
-    steps = [(i, j) for i in range(0, n_img, bi) for j in range(0, n_txt, bt)]
-    was_training = model.training
-    model.eval()
-    try:
-        for i, j in tqdm(steps, desc="similarity", disable=not progress or len(steps) < 2, leave=False):
-            im = features_to(slice_features(image_feats, slice(i, i + bi)), device, dtype)
-            tx = features_to(slice_features(text_feats, slice(j, j + bt)), device, dtype)
-            with autocast_context(device, amp):
-                s = model.similarity(im, tx)
-            expected = (min(bi, n_img - i), min(bt, n_txt - j))
-            if tuple(s.shape) != expected:
-                raise RuntimeError(f"{type(model).__name__}.similarity returned shape {tuple(s.shape)} for a "
-                                   f"block of {expected[0]} images x {expected[1]} captions")
-            sims[i:i + bi, j:j + bt] = s.to("cpu", out_dtype)
-    finally:
-        model.train(was_training)
+    for r, piece in enumerate(pieces):
+        piece, at = piece.cpu(), 0
+        for i, j, h, w in tiles[r * len(tiles) // world:(r + 1) * len(tiles) // world]:
+            sims[i:i + h, j:j + w] = piece[at:at + h * w].view(h, w)
+            at += h * w
     return sims

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal, Optional
 
 from ..config import ConfigError, ModelConfig
+from ..eval.options import EvalOptions
 
 __all__ = ["EvalConfig", "TrainConfig"]
 
@@ -79,21 +80,5 @@ class TrainConfig(ModelConfig):
                 raise ConfigError(f"train.lr_mults['{pattern}'] must be a number >= 0, got {mult!r}")
 
 
-@dataclasses.dataclass
-class EvalConfig(ModelConfig):
-    """How dev (every epoch) and test (at the end) are scored (``eval:`` section)."""
-
-    protocol: str = "full"  # see itmzoo.eval.PROTOCOLS; the dev split may use a different one
-    dev_protocol: Optional[str] = None  # None: "full" (dev splits rarely match a benchmark size)
-    batch_size: int = 128
-    amp: Optional[Literal["bf16", "fp16"]] = None  # encoding under autocast (CUDA); ranks stay fp32
-
-    def validate(self) -> None:
-        from ..eval.protocols import PROTOCOLS
-
-        for f in ("protocol", "dev_protocol"):
-            v = getattr(self, f)
-            if v is not None and v not in PROTOCOLS:
-                raise ConfigError(f"eval.{f} must be one of {sorted(PROTOCOLS)}, got {v!r}")
-        if self.batch_size <= 0:
-            raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")
+# The ``eval:`` section of a run file is the evaluator's own options object (one definition, in eval/).
+EvalConfig = EvalOptions

@@ -25,7 +25,8 @@ from ..features import cat_features
 from ..models.base import ACCUMULATION_POLICIES
 from .. import distributed as D
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from .config import EvalConfig, TrainConfig
+from ..eval.options import EvalOptions, eval_options
+from .config import TrainConfig
 from .data import make_train_loader, merge_batches
 from .logs import JsonlLog, TensorBoardLog
 from .optim import LRSchedule, apply_freeze, build_optimizer
@@ -107,12 +108,11 @@ class Trainer:
     """Trains `model` on `train_data` (a RetrievalSplit) under `config`; see `fit`."""
 
     def __init__(self, model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig | Mapping[str, Any] | None = None,
-                 eval_data: RetrievalSplit | None = None, *, eval_config: EvalConfig | Mapping[str, Any] | None = None,
+                 eval_data: RetrievalSplit | None = None, *, eval_config: EvalOptions | Mapping[str, Any] | None = None,
                  out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
                  verbose: bool = True) -> None:
         self.cfg = config if isinstance(config, TrainConfig) else config_from_dict(TrainConfig, config or {})
-        self.eval_cfg = (eval_config if isinstance(eval_config, EvalConfig)
-                         else config_from_dict(EvalConfig, eval_config or {}))
+        self.eval_cfg = eval_options(eval_config)
         self.model = model
         self.train_data = train_data
         self.eval_data = eval_data
@@ -515,7 +515,7 @@ class Trainer:
                                   "train_loss": self._epoch_loss[0] / max(1, self._epoch_loss[1]),
                                   "seconds": seconds}
         if self.eval_data is not None and (last or (self.epoch + 1) % cfg.eval_every == 0):
-            metrics = self._evaluate()
+            metrics = self._evaluate()  # every rank takes part; every rank gets the metrics
             if self.main:
                 value = float(metrics[cfg.best_metric])
                 is_best = self.best is None or value > self.best
@@ -547,16 +547,17 @@ class Trainer:
             self._save()
 
     def _evaluate(self) -> dict[str, Any]:
-        """Dev metrics on rank 0, with the RNG untouched so evaluation never changes training."""
-        if not self.main:
-            return {}
+        """Dev metrics, with the RNG untouched so evaluation never changes training.
+
+        Under DDP every rank encodes and scores its share (`itmzoo.evaluate` inside a process group)
+        instead of rank 0 working while the others wait.
+        """
         from ..eval import evaluate
 
         devices = [self.device] if self.device.type == "cuda" else []
+        opts = dataclasses.replace(self.eval_cfg, device=str(self.device), progress=False, return_sims=False)
         with torch.random.fork_rng(devices=devices):
-            out = evaluate(self.model, self.eval_data, self.eval_cfg.dev_protocol or "full",
-                           batch_size=self.eval_cfg.batch_size, device=self.device, amp=self.eval_cfg.amp,
-                           progress=False)
+            out = evaluate(self.model, self.eval_data, self.eval_cfg.dev_protocol or "full", options=opts)
         return {k: v for k, v in out.items() if k not in ("sims",)}
 
 
@@ -564,7 +565,7 @@ def fit(model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig 
         eval_data: RetrievalSplit | None = None, **kwargs: Any) -> TrainResult:
     """Train `model` on `train_data`, evaluating on `eval_data` after every epoch.
 
-    `config` is a `TrainConfig` or a dict of its fields. Keywords: ``eval_config`` (`EvalConfig` or dict),
+    `config` is a `TrainConfig` or a dict of its fields. Keywords: ``eval_config`` (`EvalOptions` or dict),
     ``out_dir`` (writes log.jsonl, last/ and best/ there), ``resume`` (continue from ``out_dir/last``),
     ``callbacks`` (objects with ``on_step_end(trainer, record)`` / ``on_epoch_end(trainer, record)``),
     ``verbose`` (print one line per epoch; the progress bar is ``config.progress``).

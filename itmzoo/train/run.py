@@ -10,7 +10,7 @@
       dev: {split: dev}
       test: {split: test}
     train: {epochs: 8, batch_size: 128, lr: 2.0e-4}   # itmzoo.train.TrainConfig
-    eval: {protocol: full}                            # itmzoo.train.EvalConfig
+    eval: {protocol: full}                            # itmzoo.eval.EvalOptions
 
 `run_training` writes ``DIR/config.json`` (the resolved run file, every model field included),
 ``DIR/log.jsonl``, ``DIR/last/``, ``DIR/best/`` and ``DIR/metrics.json`` (the best checkpoint scored on
@@ -22,16 +22,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from ..checkpoints.atomic import write_text_atomic
 from ..config import ConfigError, config_from_dict, config_to_dict
-from .config import EvalConfig, TrainConfig
+from ..eval.options import EvalOptions
+from ..eval.report import chance_metrics, format_metrics
+from .config import TrainConfig
 
 __all__ = ["RunConfig", "chance_metrics", "format_metrics", "load_data", "parse_run_config", "run_training"]
 
@@ -46,7 +45,7 @@ class RunConfig:
     model_checkpoint: str | None
     data: dict[str, dict[str, Any]]  # split -> load_split spec (shared keys merged in)
     train: TrainConfig
-    eval: EvalConfig
+    eval: EvalOptions
 
 
 def parse_run_config(tree: Mapping[str, Any]) -> RunConfig:
@@ -75,7 +74,7 @@ def parse_run_config(tree: Mapping[str, Any]) -> RunConfig:
         if "format" not in spec:
             raise ConfigError(f"run file: data.{s} needs a 'format' (synthetic, precomp, ...)")
     train = config_from_dict(TrainConfig, tree.get("train") or {}, prefix="train.")
-    ev = config_from_dict(EvalConfig, tree.get("eval") or {}, prefix="eval.")
+    ev = config_from_dict(EvalOptions, tree.get("eval") or {}, prefix="eval.")
     return RunConfig(name, model, checkpoint, data, train, ev)
 
 
@@ -87,28 +86,6 @@ def load_data(spec: Mapping[str, Any]) -> Any:
     if loader is None:
         raise ConfigError("this itmzoo has no data readers (itmzoo.data.load_split is missing)")
     return loader(dict(spec))
-
-
-def chance_metrics(caption_to_image: Sequence[int] | np.ndarray) -> dict[str, float]:
-    """Expected recalls (percent) of a random ranking: what 'better than chance' is measured against."""
-    c2i = np.asarray(caption_to_image)
-    n_img, n_cap = int(c2i.max()) + 1, len(c2i)
-    counts = np.bincount(c2i, minlength=n_img)
-    out: dict[str, float] = {}
-    for k in (1, 5, 10):
-        kk = min(k, n_cap)
-        # i2t: P(at least one of an image's c captions among K random picks of n_cap)
-        miss = [math.comb(n_cap - c, kk) / math.comb(n_cap, kk) if n_cap - c >= kk else 0.0 for c in counts]
-        out[f"i2t_r{k}"] = 100.0 * (1.0 - float(np.mean(miss)))
-        out[f"t2i_r{k}"] = 100.0 * min(k, n_img) / n_img
-    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
-
-
-def format_metrics(m: Mapping[str, Any]) -> str:
-    """One line of the six recalls and rsum."""
-    return (f"i2t R@1 {m['i2t_r1']:.1f}  R@5 {m['i2t_r5']:.1f}  R@10 {m['i2t_r10']:.1f} | "
-            f"t2i R@1 {m['t2i_r1']:.1f}  R@5 {m['t2i_r5']:.1f}  R@10 {m['t2i_r10']:.1f} | rsum {m['rsum']:.1f}")
 
 
 def _resolved_tree(run: RunConfig, model: Any) -> dict[str, Any]:
@@ -148,7 +125,7 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     main = D.is_main_process()
     seed_everything(run.train.seed)  # the same initial weights on every rank and in every rerun
     model = api.build(run.model_name, checkpoint=run.model_checkpoint, **run.model_fields)
-    splits = {s: load_data(spec) for s, spec in run.data.items() if s != "test" or main}
+    splits = {s: load_data(spec) for s, spec in run.data.items()}  # every rank evaluates its share
     resolved = _resolved_tree(run, model)
     cfg_path = out / "config.json"
     if resume and cfg_path.is_file():
@@ -160,11 +137,9 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
                       resume=resume, callbacks=callbacks, verbose=verbose)
     result = trainer.fit()
     seconds = time.time() - t0
-    if not main:
-        return {}
     name = "test" if "test" in splits else ("dev" if "dev" in splits else None)
     if name is None:
-        if verbose:
+        if verbose and main:
             print(f"trained {result.steps} steps in {seconds:.0f} s; no dev/test split to evaluate")
         return {}
     from ..eval import evaluate
@@ -172,9 +147,12 @@ def run_training(tree: Mapping[str, Any], out_dir: str | Path, *, resume: bool =
     best = out / "best"
     final_model = api.load(best, device=trainer.device) if (best / "config.json").is_file() else model
     split = splits[name]
+    opts = dataclasses.replace(run.eval, device=str(trainer.device), progress=False, return_sims=False)
     with torch.random.fork_rng(devices=[]):
         metrics = evaluate(final_model, split, run.eval.protocol if name == "test" else (run.eval.dev_protocol or "full"),
-                           batch_size=run.eval.batch_size, device=trainer.device, amp=run.eval.amp, progress=False)
+                           options=opts)
+    if not main:
+        return {}
     chance = chance_metrics(split.caption_to_image)
     record = {**{k: v for k, v in metrics.items() if k != "sims"}, "split": name,
               "checkpoint": str(best) if final_model is not model else "final weights",
