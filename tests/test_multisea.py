@@ -229,6 +229,13 @@ def test_two_stage_evaluation_matches_upstream() -> None:
         i2t, t2i = two_stage(model, img, txt, model.eval_settings().rerank_k)
     close(i2t, e["score_i2t"].numpy(), "score_i2t")
     close(t2i, e["score_t2i"].numpy(), "score_t2i")
+    # the shared evaluator, in small query batches
+    from itmzoo.eval.rerank import two_stage_scores
+
+    res = two_stage_scores(model, img, txt, model.eval_settings().rerank_k, block=(3, 7), pair_batch_size=8,
+                           progress=False)
+    close(res.i2t, e["score_i2t"].numpy(), "evaluator score_i2t")
+    close(res.t2i.t(), e["score_t2i"].numpy(), "evaluator score_t2i")
     metrics = ranks_metrics(i2t.numpy(), t2i.numpy(), per_image=5)
     expected = META["model"]["eval_metrics"]
     assert metrics == {k: pytest.approx(expected[k]) for k in metrics}
