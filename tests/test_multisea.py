@@ -359,3 +359,31 @@ def test_score_pairs_both_directions_equal_a_per_pair_loop() -> None:
             torch.testing.assert_close(got, torch.stack(ref), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="direction"):
         model.score_pairs(img, txt, ii, ti, "x2y")
+
+
+def test_build_reads_a_lightning_checkpoint_through_the_safe_loader(tmp_path) -> None:
+    """The observed PL 2.0 layout: top-level keys, unprefixed state_dict (with 4.27's position_ids), hparams."""
+    import itmzoo
+
+    state = {k[3:]: t(v) for k, v in MD.items() if k.startswith("sd/")}
+    state["text_encoder.embeddings.position_ids"] = torch.arange(42).view(1, -1)
+    cfg = dict(META["model"]["config"], num_heads=4, top_k=4, optimizer={"betas": (0.9, 0.98), "init_lr": 1e-5})
+    ckpt = {"epoch": 9, "global_step": 600, "pytorch-lightning_version": "2.0.0", "state_dict": state,
+            "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 10}}}},
+            "callbacks": {"ModelCheckpoint{'monitor': 'val/the_metric', 'mode': 'max', 'every_n_train_steps': 0, "
+                          "'every_n_epochs': 1, 'train_time_interval': None}": {"best_model_score": torch.tensor(1.0),
+                                                                                "best_model_path": "x.ckpt"}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"name": "temp", "initial_lr": 5e-4, "betas": (0.9, 0.98),
+                                                                 "weight_decay": 0.05, "eps": 1e-8, "params": [0]}]}],
+            "lr_schedulers": [{"base_lrs": [5e-4], "last_epoch": 600, "lr_lambdas": [None]}],
+            "hparams_name": "kwargs", "hyper_parameters": {"config": cfg, "num_device": 1, "cur_alpha": 0.4}}
+    path = tmp_path / "step600-val_score490.0000.ckpt"
+    torch.save(ckpt, path)
+    rob = META["model"]["roberta"]
+    text = {k: rob[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                "intermediate_size", "max_position_embeddings")}
+    model = itmzoo.build("multisea", checkpoint=path, text_overrides=text, vision_heads=1)
+    assert not model.training and model.config.top_k == 4
+    with torch.no_grad():
+        img = model.encode_image(fixture_batch())
+    close(img["feat"], MD["enc/image_feats"], "image_feats after build()")
