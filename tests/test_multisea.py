@@ -122,16 +122,20 @@ def test_hswish_is_the_clip1_variant() -> None:
     torch.testing.assert_close(hswish_clip1(x), expected)
 
 
-def test_cross_cls_equals_full_forward_per_pair() -> None:
+@pytest.mark.parametrize("layers,lq,agents", [(3, 9, 6), (2, 23, 4), (1, 5, 8)])
+def test_cross_cls_equals_full_forward_per_pair(layers: int, lq: int, agents: int) -> None:
     torch.manual_seed(1)
-    af = AgentFormer(16, 4, 3, 32, agents=6).eval()
-    q, c = torch.randn(3, 9, 16), torch.randn(4, 5, 16)
-    qmask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] + [0] * 8])
+    af = AgentFormer(16, 4, layers, 32, agents=agents).eval()
+    q, c = torch.randn(3, lq, 16), torch.randn(4, 5, 16)
+    qmask = (torch.arange(lq)[None] < torch.tensor([[lq], [4], [1]])).long()
+    cmask = torch.tensor([[1] * 5, [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]])
     qi, ci = torch.tensor([0, 2, 1, 1, 0, 2, 2]), torch.tensor([3, 0, 1, 2, 0, 3, 1])
-    fast = af.cross_cls(q, qmask, c, None, qi, ci, "t2i", chunk=3)
-    ref = torch.stack([af(q[a:a + 1], qmask[a:a + 1], "t2i", c[b:b + 1]).last_hidden_state[0, 0]
+    fast = af.cross_cls(q, qmask, c, cmask, qi, ci, "t2i", chunk=3)
+    ref = torch.stack([af(q[a:a + 1], qmask[a:a + 1], "t2i", c[b:b + 1], cmask[b:b + 1]).last_hidden_state[0, 0]
                        for a, b in zip(qi.tolist(), ci.tolist())])
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="evaluation path"):
+        af.train().cross_cls(q, qmask, c, cmask, qi, ci, "t2i")
 
 
 # ------------------------------------------------------------------------------------------ whole model

@@ -99,14 +99,19 @@ class SelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask_add: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask_add: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows` (evaluation only): compute the output of these query rows only (keys/values use all)."""
         h = self.heads
-        q, k, v = _heads(self.query(x), h), _heads(self.key(x), h), _heads(self.value(x), h)
-        scores = torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
-        if mask_add is not None:
-            scores = scores + mask_add
-        ctx = _merge(torch.matmul(self.attn_drop(scores.softmax(-1)), v))
-        return self.norm(x + self.drop(self.out(ctx)))
+        xq = x if rows is None else x[:, rows]
+        q, k, v = _heads(self.query(xq), h), _heads(self.key(x), h), _heads(self.value(x), h)
+        if self.training:  # upstream's order of operations, with dropout on the probabilities
+            scores = torch.matmul(q, k.transpose(-1, -2)) / (q.shape[-1] ** 0.5)
+            if mask_add is not None:
+                scores = scores + mask_add
+            ctx = _merge(torch.matmul(self.attn_drop(scores.softmax(-1)), v))
+        else:  # the same softmax through the fused kernel (about 2x faster on CPU at 197 tokens)
+            ctx = _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask_add))
+        return self.norm(xq + self.drop(self.out(ctx)))
 
 
 class AgentCrossAttention(nn.Module):
@@ -135,10 +140,25 @@ class AgentCrossAttention(nn.Module):
         agents = F.interpolate(q.transpose(1, 2), size=self.agents, mode="linear", align_corners=False)
         return _heads(q, self.heads), _heads(agents.transpose(1, 2), self.heads)
 
+    def agent_rows(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows the agents are interpolated from and the weights: ``rows [r]``, ``W [r, n]``.
+
+        ``agents = Wᵀ q[rows]`` equals `project_query`'s resampling (each agent blends <= 2 rows), so a pass
+        that needs only some outputs can skip the other rows (197 image tokens -> 80 rows).
+        """
+        eye = torch.eye(length, device=device)[None]
+        w = F.interpolate(eye, size=self.agents, mode="linear", align_corners=False)[0]  # [length, n]
+        rows = w.abs().sum(1).nonzero().flatten()
+        return rows, w[rows]
+
     def attend(self, q: torch.Tensor, agents: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                mask_add: torch.Tensor | None, kv_mask_add: torch.Tensor | None) -> torch.Tensor:
         """Both agent steps: ``[B, h, Lq', d_h]`` (Lq' may be a subset of the rows that made the agents)."""
         k, v = kv
+        if not self.training:  # the same two softmaxes through the fused kernel
+            agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=kv_mask_add)
+            own = mask_add.transpose(-1, -2) if mask_add is not None else None
+            return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=own)
         scale = q.shape[-1] ** -0.5
         s1 = torch.matmul(agents * scale, k.transpose(-2, -1))            # [B, h, n, Lk]
         if kv_mask_add is not None:
@@ -288,6 +308,12 @@ class AgentFormer(nn.Module):
         q0, agents0 = blocks[0].cross_attn.project_query(x0)                # query-only
         ctx = contexts[c_ids]
         kvs = [b.cross_attn.project_kv(ctx) for b in blocks]                 # context-only, every layer
+        last = len(blocks) - 1
+        # last layer: only [CLS] is read, and the agents need only the rows they are interpolated from
+        rows, w = blocks[last].cross_attn.agent_rows(queries.shape[1], queries.device)
+        keep = torch.unique(torch.cat([rows.new_zeros(1), rows]))                 # sorted, row 0 first
+        w_keep = torch.zeros(keep.numel(), w.shape[1], dtype=dtype, device=queries.device)
+        w_keep[torch.searchsorted(keep, rows)] = w.to(dtype)
         out = []
         for s in range(0, query_index.numel(), chunk):
             qi, ci = q_inv[s:s + chunk], c_inv[s:s + chunk]
@@ -295,13 +321,20 @@ class AgentFormer(nn.Module):
             x, q, agents = x0[qi], q0[qi], agents0[qi]
             for li, b in enumerate(blocks):
                 kv = (kvs[li][0][ci], kvs[li][1][ci])
+                ca = b.cross_attn
+                if li == last and last > 0:
+                    x = b.self_attn(x, m_add, rows=keep)                           # [P, |keep|, d]
+                    qk = ca.query(x)
+                    agents = _heads(torch.einsum("rn,brd->bnd", w_keep, qk), ca.heads)
+                    z = ca.attend(_heads(qk[:, :1], ca.heads), agents, kv, m_add[..., :1], cm_add)
+                    x = b.ffn(ca.finish(x[:, :1], z))
+                    continue
                 if li > 0:
                     x = b.self_attn(x, m_add)
-                    q, agents = b.cross_attn.project_query(x)
-                if li == len(blocks) - 1:  # only the [CLS] row is read: finish it alone
-                    z = b.cross_attn.attend(q[:, :, :1], agents, kv, m_add[..., :1], cm_add)
-                    x = b.ffn(b.cross_attn.finish(x[:, :1], z))
+                    q, agents = ca.project_query(x)
+                if li == last:  # a single layer: layer 0 is shared, finish [CLS] alone
+                    x = b.ffn(ca.finish(x[:, :1], ca.attend(q[:, :, :1], agents, kv, m_add[..., :1], cm_add)))
                 else:
-                    x = b.ffn(b.cross_attn.finish(x, b.cross_attn.attend(q, agents, kv, m_add, cm_add)))
+                    x = b.ffn(ca.finish(x, ca.attend(q, agents, kv, m_add, cm_add)))
             out.append(x[:, 0])
         return torch.cat(out) if out else queries.new_zeros(0, queries.shape[-1])
