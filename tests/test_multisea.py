@@ -26,6 +26,17 @@ from itmzoo.models.multisea import (
 )
 
 FIX = Path(__file__).parent / "fixtures" / "multisea"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are small: one thread avoids OpenMP spin-waiting on a busy machine (measured 94 s -> 12 s
+    for the training test with 2 threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 META = json.loads((FIX / "fixtures.json").read_text())
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -391,3 +402,32 @@ def test_build_reads_a_lightning_checkpoint_through_the_safe_loader(tmp_path) ->
     with torch.no_grad():
         img = model.encode_image(fixture_batch())
     close(img["feat"], MD["enc/image_feats"], "image_feats after build()")
+
+
+def test_tiny_model_learns_synthetic_pictures_through_the_trainer() -> None:
+    """Shared trainer (naive accumulation, 2 micro-batches) + shared two-stage evaluator, end to end.
+
+    From scratch the tiny model learns slowly, so it memorises 8 pictures (40 captions): the loss falls
+    and the first-stage recall on them rises (measured: loss 3.53 -> 3.39, first-stage rsum 250 -> 312.5).
+    """
+    from itmzoo.data.synthetic import SyntheticShapes
+    from itmzoo.eval import evaluate
+    from itmzoo.train import fit
+
+    tok = Path(__file__).parents[1] / "configs" / "vocab" / "multisea_synthetic_tokenizer"
+    train = SyntheticShapes({"train": 8, "dev": 1, "test": 1}, seed=0, image_size=32).split("train", "pixels")
+    model = tiny(tokenizer=str(tok), max_text_len=24, top_k=4, patch_size=8, encoder_lr_mult=1.0,
+                 vision_trainable_blocks=-1, temp_lr=5e-3, alpha_lr=5e-3,
+                 text_overrides={**TINY_OVERRIDES["multisea"]["text_overrides"], "vocab_size": 74,
+                                 "max_position_embeddings": 32})
+    opts = {"progress": False, "batch_size": 40}
+    before = evaluate(model, train, "full", **opts)
+    cfg = {"epochs": 10, "batch_size": 16, "accum_steps": 2, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05,
+           "schedule": "constant", "grad_clip": 1.0, "progress": False, "log_every": 1, "seed": 0}
+    result = fit(model, train, cfg)
+    after = evaluate(model, train, "full", **opts)
+    losses = [h["train_loss"] for h in result.history]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.05, losses
+    first = before["two_stage"]["first_stage"]["rsum"], after["two_stage"]["first_stage"]["rsum"]
+    assert first[1] > first[0] + 30, first
+    assert after["two_stage"]["k_i2t"] == 4 and result.steps == 20
