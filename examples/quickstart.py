@@ -1,7 +1,7 @@
 # %% [markdown]
 # # itmzoo quickstart
 # Build a model, encode images and captions, score them, evaluate recall, train briefly and retrieve.
-# Everything runs on the built-in synthetic data (nothing downloaded), on CPU in about a minute.
+# Everything runs on the built-in synthetic data (nothing downloaded), on CPU.
 # Run it as a script (`python examples/quickstart.py`) or cell by cell (`# %%` markers).
 
 # %%
@@ -13,7 +13,7 @@ from itmzoo.data import SyntheticShapes
 from itmzoo.data.collate import collate_images
 from itmzoo.eval import encode_split, similarity_matrix
 from itmzoo.train import fit
-from itmzoo.train.run import chance_metrics, format_metrics
+from itmzoo.eval import chance_metrics, format_metrics
 
 print(itmzoo.list_models())  # every registered method
 torch.manual_seed(0)

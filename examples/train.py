@@ -18,9 +18,10 @@ import torch
 import itmzoo
 from itmzoo.config import load_run_config
 from itmzoo.data import load_split
+from itmzoo.eval import chance_metrics, format_metrics
 from itmzoo.train import fit
 from itmzoo.train.engine import seed_everything
-from itmzoo.train.run import chance_metrics, format_metrics, parse_run_config
+from itmzoo.train.run import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def main() -> None:
 
     # 4. training: dev recall every epoch, best checkpoint in OUT/best, exact resume from OUT/last
     result = fit(model, train, run.train, dev, eval_config=run.eval, out_dir=args.out, resume=args.resume)
-    print(f"best dev {run.train.best_metric} {result.best_metric:.1f} after epoch {result.best_epoch + 1}")
+    print(f"best dev {run.train.best_metric} {result.best_metric:.1f} after epoch {result.best_epoch}")
 
     # 5. the best checkpoint on the test split
     best = itmzoo.load(Path(args.out) / "best", device="cuda" if torch.cuda.is_available() else "cpu")

@@ -9,19 +9,49 @@ import torch
 
 from .checkpoints.safe import CheckpointError, load_state_strict, read_pickled_checkpoint
 from .config import apply_overrides
-from .registry import get_entry, resolve_config
+from .registry import get_entry, instantiate, resolve_config
 
 LOCAL_DIR = "local-dir:"
 
 
-def _instantiate(name: str, config: Any) -> torch.nn.Module:
-    """Build registered model `name` from a config object or dict, with random weights, offline."""
-    entry = get_entry(name)
-    if isinstance(config, Mapping):
-        config = apply_overrides(entry.config_cls(), config)
-    model = entry.fn(config)
-    model.registry_name = entry.name
-    return model
+def _fitting_methods_hint(obj: Any, tried: str) -> str:
+    """``"; the file fits 'lhsc': ..."`` when another method's converter accepts what `tried`'s refused."""
+    from .registry import list_models
+
+    fits = []
+    for other in list_models(include_demo=False):
+        if other == tried:
+            continue
+        try:
+            conv = get_entry(other).converter
+            if conv is not None:
+                conv(obj)
+                fits.append(other)
+        except Exception:  # noqa: BLE001  any refusal means "not this method"
+            continue
+    if not fits:
+        return ""
+    return (f"; the file fits {', '.join(repr(f) for f in fits)} instead: use "
+            f"itmzoo.build('{fits[0]}', checkpoint=...) "
+            f"or itmzoo convert {fits[0]} FILE DIR")
+
+
+def _check_tag_agrees(name: str, entry: Any, inferred: Mapping[str, Any], checkpoint: Any) -> None:
+    """A ``method.tag`` fixes sizes (vocabulary, dims): a file whose tensors imply other sizes is another tag's."""
+    from .registry import split_name
+
+    tag = split_name(name)[1] or entry.default_tag
+    if tag is None:
+        return
+    fixed = entry.tags[tag].overrides
+    clash = {k: (v, fixed[k]) for k, v in inferred.items() if k in fixed and fixed[k] != v}
+    if not clash:
+        return
+    others = [t for t, tg in entry.tags.items()
+              if t != tag and all(tg.overrides.get(k, v) == v for k, v in inferred.items())]
+    hint = f"; it looks like '{entry.name}.{others[0]}'" if others else ""
+    raise CheckpointError(f"{checkpoint}: the file does not match the tag '{entry.name}.{tag}': "
+                          + ", ".join(f"{k}={v!r} in the file, {t!r} in the tag" for k, (v, t) in clash.items()) + hint)
 
 
 def build(name: str, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
@@ -52,20 +82,22 @@ def build(name: str, checkpoint: str | Path | None = None, device: str | torch.d
         if entry.converter is None:
             raise CheckpointError(f"model '{entry.name}' has no converter for official checkpoints")
         obj = read_pickled_checkpoint(checkpoint)
-        inferred, state, ignorable = entry.converter(obj)
+        try:
+            inferred, state, ignorable = entry.converter(obj)
+        except CheckpointError as e:
+            raise CheckpointError(f"{checkpoint}: {e}{_fitting_methods_hint(obj, entry.name)}") from None
         for key, value in inferred.items():
             if key in overrides and overrides[key] is not None and overrides[key] != value:
                 raise CheckpointError(
                     f"{checkpoint}: the file implies {key}={value!r} but you asked for {overrides[key]!r}"
                 )
+        _check_tag_agrees(name, entry, inferred, checkpoint)
         cfg = apply_overrides(cfg, inferred)
-        model = entry.fn(cfg)
-        model.registry_name = entry.name
+        model = instantiate(entry.name, cfg)
         load_state_strict(model, state, ignorable=ignorable, source=str(checkpoint))
         model.eval()
     else:
-        model = entry.fn(cfg)
-        model.registry_name = entry.name
+        model = instantiate(entry.name, cfg)
         model.init_pretrained()
     if device is not None:
         model.to(device)

@@ -1,4 +1,4 @@
-"""Command line: ``itmzoo list | info | train | eval | convert``.
+"""Command line: ``itmzoo list | info | train | eval | convert | data check``.
 
 Errors print one line (``itmzoo <command>: error: <Type>: <message>``) and exit with status 1;
 ``--debug`` (before or after the command) shows the traceback instead.
@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [header, *rows])
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .registry import list_models
+    from .registry import get_entry, list_models, split_name
 
     caps = {}
     for key in ("input_kind", "scoring", "text_backbone"):
@@ -22,15 +28,54 @@ def _cmd_list(args: argparse.Namespace) -> int:
             caps[key] = getattr(args, key)
     if args.has_weights:
         caps["has_weights"] = True
-    for name in list_models(args.pattern, include_tags=args.tags, **caps):
-        print(name)
+    names = list_models(args.pattern, include_tags=args.tags, **caps)
+    if args.names:
+        for name in names:
+            print(name)
+        return 0
+    if not names:
+        print("no registered model matches", file=sys.stderr)
+        return 0
+    rows = []
+    for name in names:
+        method, tag = split_name(name)
+        e = get_entry(method)
+        weights = [t for t, tg in e.tags.items() if tg.source and (tag is None or t == tag)]
+        rows.append([name, ", ".join(e.aliases) or "-", e.scoring, e.input_kind,
+                     f"{e.image_backbone or '-'} / {e.text_backbone or '-'}", ", ".join(weights) or "-"])
+    print(_table(rows, ["name", "aliases", "scoring", "input", "image / text backbone", "tags with weights"]))
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .registry import model_info
 
-    print(json.dumps(model_info(args.name), indent=2))
+    info = model_info(args.name)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['name']}" + (f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""))
+    print(f"  paper:     {info['paper'] or '-'}")
+    print(f"  upstream:  {info['upstream'] or '-'}")
+    print(f"  scoring:   {info['scoring']}; input: {info['input_kind']}; image backbone: "
+          f"{info['image_backbone'] or '-'}; text backbone: {info['text_backbone'] or '-'}")
+    print(f"  converter: {'yes (itmzoo convert NAME FILE DIR)' if info['converter'] else 'no'}")
+    print(f"  config ({info['config_class']}):")
+    for k, v in info["config"].items():
+        print(f"    {k} = {json.dumps(v)}")
+    if info["tags"]:
+        print("  tags" + (f" (default {info['default_tag']})" if info["default_tag"] else "") + ":")
+        for tag, t in info["tags"].items():
+            print(f"    {info['name']}.{tag}: dataset {t.get('dataset', '-')}"
+                  + (f", license {t['license']}" if t.get("license") else ""))
+            if t.get("source"):
+                print(f"      weights:  {t['source']}")
+            if t.get("overrides"):
+                print(f"      config:   {', '.join(f'{k}={json.dumps(v)}' for k, v in t['overrides'].items())}")
+            if t.get("expected"):
+                print(f"      expected: {', '.join(f'{k} {v}' for k, v in t['expected'].items())}")
+            if t.get("note"):
+                print(f"      note:     {t['note']}")
     return 0
 
 
@@ -48,12 +93,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train.run import run_training  # torch is imported only once the arguments are known to be fine
     try:
         run_training(tree, out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(_interrupted_message(args, out), file=sys.stderr)
+        return 130
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _interrupted_message(args: argparse.Namespace, out: Path) -> str:
+    """What Ctrl-C left behind and how to continue."""
+    from .train.checkpoint import STATE_FILE
+
+    last = out / "last"
+    again = " ".join(["itmzoo train", str(args.config), "--out", str(out)]
+                     + [f"--set {s}" for s in (args.set or [])])
+    if (last / STATE_FILE).is_file():
+        saved = ""
+        try:
+            import torch
+
+            state = torch.load(last / STATE_FILE, map_location="cpu", weights_only=True)
+            saved = f" (after optimizer step {state['step']}; {state['epoch']} epoch(s) complete)"
+        except Exception:  # noqa: BLE001  the message is a courtesy; never fail on it
+            pass
+        return (f"itmzoo train: interrupted; {last}/ holds the last checkpoint{saved}: steps after it are lost. "
+                f"Continue with: {again} --resume")
+    return (f"itmzoo train: interrupted before the first checkpoint (written at the end of epoch 1, or every "
+            f"train.ckpt_every steps); nothing to resume in {out}. Start again with: {again}")
 
 
 def _parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
@@ -112,8 +182,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # arguments first, so a typo fails before a process group or a model is set up
     opts = eval_options(protocol=args.protocol, batch_size=args.batch_size, text_batch_size=args.text_batch_size,
                         block=tuple(args.block) if args.block else None, rerank_k=args.rerank_k,
-                        pair_batch_size=args.pair_batch_size, amp=args.amp, progress=not args.quiet)
+                        pair_batch_size=args.pair_batch_size, amp=args.amp,
+                        progress=not args.quiet and sys.stderr.isatty())
     spec = parse_data_spec(args.data)
+    if args.pretrained and Path(args.pretrained).is_file():
+        raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
+                         "(save_pretrained, itmzoo convert, DIR/best of a run); for an authors' checkpoint "
+                         "file use --model NAME --checkpoint FILE")
     if args.pretrained and (args.model or args.checkpoint):
         raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
     if not (args.pretrained or args.model):
@@ -121,6 +196,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, world, local_rank = D.init_from_env()  # under torchrun every rank takes a share of the work
     main = D.is_main_process()
     try:
+        import torch
+
+        torch.manual_seed(args.seed)  # random weights (no checkpoint) are the same on every rank and in every run
         if args.pretrained:
             model = api.load(args.pretrained, **overrides)
             source = args.pretrained
@@ -130,8 +208,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
             source = args.checkpoint or "random weights"
-        import torch
-
         if args.device:
             device = args.device
         elif torch.cuda.is_available():
@@ -163,8 +239,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"chance level: {format_metrics(chance_metrics(split.caption_to_image))}")
     if args.out:
         from .checkpoints.atomic import write_text_atomic
+        from .jsonfmt import dumps
 
-        write_text_atomic(args.out, json.dumps(metrics, indent=2))
+        write_text_atomic(args.out, dumps(metrics, indent=2))
         print(f"wrote {args.out}")
     return 0
 
@@ -186,6 +263,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.official_file)
     if not src.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {src}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not args.force and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists; choose another directory or pass --force to replace it")
     model = api.build(args.name, checkpoint=src, **_parse_kv(args.set or [], "--set"))
     extra = {"converted_from": str(src.name), "source_sha256": _sha256(src), "converter_itmzoo_version": __version__,
              "name": args.name}
@@ -194,12 +274,31 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.check import check_data
+    from .models.esa import SCAN_VOCAB_SHA256
+
+    report = check_data(args.path, vocab=args.vocab, image_root=args.images, known_vocabs=SCAN_VOCAB_SHA256)
+    print(f"itmzoo data check {args.path}")
+    print(report.text())
+    verdict = "usable" if not report.errors else "NOT usable"
+    print(f"{verdict}: {report.errors} error(s), {report.warnings} warning(s)")
+    return 1 if report.errors else 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # --debug also after the command; SUPPRESS keeps the top-level value when it is not repeated
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
     p = argparse.ArgumentParser(prog="itmzoo", description="Image-text matching model zoo")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"itmzoo {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("list", parents=[common], help="list registered models")
     pl.add_argument("pattern", nargs="?", default=None, help="glob, e.g. 'esa*'")
@@ -208,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--text-backbone", dest="text_backbone")
     pl.add_argument("--has-weights", action="store_true")
     pl.add_argument("--tags", action="store_true", help="list method.tag names")
+    pl.add_argument("--names", action="store_true", help="one name per line, no table (for scripts)")
     pl.set_defaults(func=_cmd_list)
     pi = sub.add_parser("info", parents=[common], help="paper, upstream, capabilities and default config of a model")
     pi.add_argument("name")
+    pi.add_argument("--json", action="store_true", help="print everything as JSON")
     pi.set_defaults(func=_cmd_info)
 
     pt = sub.add_parser("train", parents=[common], help="train from a YAML run file (see docs/training.md)",
@@ -246,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="two-stage models: candidates re-scored per query (default: the model's)")
     pe.add_argument("--pair-batch-size", dest="pair_batch_size", type=int, default=4096,
                     help="two-stage models: second-stage pairs per call")
+    pe.add_argument("--seed", type=int, default=0, help="seed of random weights and of random draws while scoring")
     pe.add_argument("--chance", action="store_true", help="also print the recall of a random ranking")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
     pe.set_defaults(func=_cmd_eval)
@@ -254,8 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("name", help="registry name, e.g. lhsc or esa_bigru.f30k")
     pc.add_argument("official_file")
     pc.add_argument("out_dir")
-    pc.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    pc.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="model config override (repeatable), e.g. --set vocab_path=vocab/f30k_precomp_vocab.json "
+                         "so that the directory carries the vocabulary")
+    pc.add_argument("--force", action="store_true", help="replace an existing out_dir")
     pc.set_defaults(func=_cmd_convert)
+    pd = sub.add_parser("data", parents=[common], help="check a downloaded dataset")
+    dsub = pd.add_subparsers(dest="data_command", required=True)
+    pdc = dsub.add_parser("check", parents=[common], help="counts, dims, caption/image agreement, vocabulary checksum",
+                          description="Check a SCAN precomp folder (e.g. data/f30k_precomp), a Karpathy split json "
+                                      "or a SCAN vocabulary json; exit status 1 when something is unusable.")
+    pdc.add_argument("path", help="precomp folder, dataset_*.json or *_vocab.json")
+    pdc.add_argument("--vocab", help="SCAN vocabulary json to check against the captions (default: *vocab*.json "
+                                     "in the folder)")
+    pdc.add_argument("--images", help="image folder of a Karpathy json (checks that every listed image exists)")
+    pdc.set_defaults(func=_cmd_data_check)
     return p
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "load_run_config",
     "parse_dotted",
     "set_dotted",
+    "yaml_load",
 ]
 
 
@@ -104,6 +106,8 @@ def check_value(field: str, value: Any, tp: Any) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"config field '{field}' expects a mapping, got {value!r}")
+        if len(args) == 2:
+            return {k: check_value(f"{field}[{k!r}]", v, args[1]) for k, v in value.items()}
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -112,6 +116,11 @@ def check_value(field: str, value: Any, tp: Any) -> Any:
             return config_from_dict(tp, value, prefix=f"{field}.")
         raise ConfigError(f"config field '{field}' expects a {tp.__name__} mapping, got {value!r}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; float() spellings are numbers
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{field}' expects float, got {value!r} ({type(value).__name__})")
         return float(value)
@@ -180,6 +189,27 @@ def config_from_dict(cls: type, data: Mapping[str, Any], *, prefix: str = "") ->
     return apply_overrides(cls(), dict(data), prefix=prefix)
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` and ``1E5`` (no dot) as floats, as YAML 1.2 and JSON do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(stream: Any) -> Any:
+    """`yaml.safe_load` that reads every JSON number spelling as a number (``1e-3`` included)."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 # ---------------------------------------------------------------------------------------------------
 # YAML run files: {model: {name: ..., <model fields>}, data: {...}, train: {...}}
 
@@ -193,7 +223,7 @@ def parse_dotted(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -222,7 +252,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | tuple[str, .
             raise ConfigError(f"config file not found: {p}")
         with open(p, encoding="utf-8") as f:
             # JSON through json: YAML 1.1 reads JSON's 1e-08 as a string
-            loaded = (json.load(f) if p.suffix == ".json" else yaml.safe_load(f)) or {}
+            loaded = (json.load(f) if p.suffix == ".json" else yaml_load(f)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping with model/data/train sections, got {type(loaded).__name__}")
         tree = copy.deepcopy(loaded)

@@ -7,12 +7,12 @@ The evaluator, the trainer and the distributed gathers only slice, move and conc
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
-__all__ = ["Features", "cat_features", "features_len", "features_to", "slice_features"]
+__all__ = ["Features", "cat_features", "features_len", "features_to", "sequence_mask", "slice_features"]
 
 # One vector per item (Tensor[N, D]) or token sets with masks ({"tokens": [N, L, D], "mask": [N, L]}).
 Features = Union[torch.Tensor, Mapping[str, torch.Tensor]]
@@ -36,14 +36,24 @@ def slice_features(feats: Features, index: slice | torch.Tensor) -> Features:
 
 def features_to(feats: Features, device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None) -> Features:
-    """Move a feature set; `dtype` applies to floating tensors only (masks keep theirs)."""
+    """Move a feature set or a batch dict; `dtype` applies to floating tensors only (masks and ids keep
+    theirs); non-tensor values of a dict pass through."""
 
-    def mv(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+    def mv(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
+                    non_blocking=True)
 
     if isinstance(feats, torch.Tensor):
         return mv(feats)
     return {k: mv(v) for k, v in feats.items()}
+
+
+def sequence_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """Boolean ``[B, max_len]``: True where ``t < lengths[b]`` (real tokens or regions)."""
+    max_len = int(lengths.max()) if max_len is None else max_len
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.long()[:, None]
 
 
 def cat_features(parts: Sequence[Features]) -> Features:

@@ -1,9 +1,12 @@
 """Model registry: names -> builders, with capabilities as metadata and lazy module imports.
 
-Built-in methods are listed in `_BUILTIN` as ``"module:function"`` strings plus their capabilities, so
-`import itmzoo` imports no model module (and hence no transformers). The module is imported the first
-time a name is built or inspected; its `@register_model` decorator then attaches the builder and the
-config class to the entry that was declared here.
+A method is declared once, in its own module, by ``@register_model(name, config=..., input_kind=...,
+scoring=..., tags=..., converter=..., tiny=...)``. So that `import itmzoo` and `list_models()` import
+no model module (and hence no torch or transformers), the built-in declarations are also kept in a
+generated index, ``itmzoo/models/index.json``: name -> ``"module:function"`` plus the declared
+capabilities. The module is imported the first time a name is built or inspected; its declaration is
+then compared with the index (a stale index is an error). After adding or changing a declaration run
+``python -m itmzoo.models --write-index``; ``tests/test_models_generic.py`` checks the index is current.
 
 Name grammar: ``method[.tag]``; ``local-dir:PATH`` reads a native checkpoint directory.
 """
@@ -15,6 +18,7 @@ import difflib
 import fnmatch
 import importlib
 import json
+import pkgutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,6 +30,7 @@ __all__ = [
     "Tag",
     "add_model_config",
     "get_entry",
+    "instantiate",
     "list_models",
     "model_info",
     "register_model",
@@ -80,10 +85,26 @@ class ModelEntry:
     tags: dict[str, Tag] = dataclasses.field(default_factory=dict)
     default_tag: str | None = None
     converter: Callable[..., Any] | None = None
+    tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of a tiny test build
+    weight_tags: tuple[str, ...] | None = None  # from the index, before the module is imported
 
     @property
     def has_weights(self) -> bool:
-        return any(t.source for t in self.tags.values())
+        return bool(self.tags_with_weights())
+
+    def tags_with_weights(self) -> list[str]:
+        if self.fn is None and self.weight_tags is not None:
+            return list(self.weight_tags)
+        return [t for t, tg in self.tags.items() if tg.source]
+
+    def index_record(self) -> dict[str, Any]:
+        """What the generated index stores about a built-in entry (JSON-compatible)."""
+        return {
+            "target": self.target, "input_kind": self.input_kind, "scoring": self.scoring, "paper": self.paper,
+            "upstream": self.upstream, "text_backbone": self.text_backbone, "image_backbone": self.image_backbone,
+            "aliases": list(self.aliases), "demo": self.demo, "tags": sorted(self.tags),
+            "weight_tags": self.tags_with_weights(), "default_tag": self.default_tag,
+        }
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -96,41 +117,32 @@ class ModelEntry:
         }
 
 
-def _b(name: str, target: str, **kw: Any) -> ModelEntry:
-    return ModelEntry(name=name, target=target, **kw)
+INDEX_PATH = Path(__file__).with_name("models") / "index.json"
+INDEX_COMMAND = "python -m itmzoo.models --write-index"
 
 
-# The built-in table: capabilities live here so listing and filtering need no imports.
-_BUILTIN: dict[str, ModelEntry] = {
-    e.name: e
-    for e in [
-        _b("toy_vse", "itmzoo.models.toy:toy_vse", input_kind="regions", scoring="embedding",
-           paper="itmzoo demo model (mean-pooled regions + bag of words)", text_backbone="bow",
-           image_backbone="regions", demo=True),
-        _b("esa_bigru", "itmzoo.models.esa:esa_bigru", input_kind="regions", scoring="embedding",
-           paper="ESA: External Space Attention Aggregation for Image-Text Retrieval (TCSVT 2023)",
-           upstream="KevinLight831/ESA @ c94e9b892b437a6bfd2e69b4ca6cae9b60489ca1",
-           text_backbone="bigru", image_backbone="butd-regions", aliases=("esa",)),
-        _b("esa_bert", "itmzoo.models.esa:esa_bert", input_kind="regions", scoring="embedding",
-           paper="ESA: External Space Attention Aggregation for Image-Text Retrieval (TCSVT 2023)",
-           upstream="KevinLight831/ESA @ c94e9b892b437a6bfd2e69b4ca6cae9b60489ca1",
-           text_backbone="bert-base-uncased", image_backbone="butd-regions"),
-        _b("lhsc", "itmzoo.models.lhsc:lhsc", input_kind="regions", scoring="cross",
-           paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
-           upstream="lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7",
-           text_backbone="bigru", image_backbone="butd-regions"),
-        _b("multisea", "itmzoo.models.multisea:multisea", input_kind="pixels", scoring="two-stage",
-           paper="Multi-SEA: Multi-stage Semantic Enhancement and Aggregation for image-text retrieval (IPM 2025)",
-           upstream="jim4399266/Multi-SEA @ 3941a497683b405df5943579ca1fd4c28d9a3b45",
-           text_backbone="roberta-base", image_backbone="clip-vit-b16 (11 blocks)"),
-        # the composition's parts are chosen by its config; the entry states the default (ESA -> LHSC)
-        _b("two_stage", "itmzoo.models.two_stage:two_stage", input_kind="regions", scoring="two-stage",
-           paper="itmzoo composition: a first-stage model's top k re-scored by a second model (ALBEF/BLIP recipe)",
-           text_backbone="per part", image_backbone="per part"),
-    ]
-}
-_ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}
-_REGISTRY: dict[str, ModelEntry] = dict(_BUILTIN)
+def _read_index() -> dict[str, ModelEntry]:
+    """Lazy entries of the built-in methods, from the generated index (no model module imported)."""
+    if not INDEX_PATH.is_file():  # only while it is being generated for the first time
+        return {}
+    try:
+        data = json.loads(INDEX_PATH.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:  # a broken install, not a user error
+        raise RegistryError(f"cannot read the model index {INDEX_PATH}: {e}; regenerate it with {INDEX_COMMAND}") from e
+    out = {}
+    for name, rec in data.items():
+        out[name] = ModelEntry(
+            name=name, target=rec["target"], input_kind=rec["input_kind"], scoring=rec["scoring"],
+            paper=rec["paper"], upstream=rec["upstream"], text_backbone=rec["text_backbone"],
+            image_backbone=rec["image_backbone"], aliases=tuple(rec["aliases"]), demo=rec["demo"],
+            tags={t: Tag() for t in rec["tags"]}, default_tag=rec["default_tag"],
+            weight_tags=tuple(rec["weight_tags"]))
+    return out
+
+
+_INDEX: dict[str, ModelEntry] = _read_index()
+_ALIASES: dict[str, str] = {a: e.name for e in _INDEX.values() for a in e.aliases}
+_REGISTRY: dict[str, ModelEntry] = dict(_INDEX)
 
 
 def _known_names() -> list[str]:
@@ -144,51 +156,58 @@ def register_model(
     name: str,
     *,
     config: type,
-    input_kind: str | None = None,
-    scoring: str | None = None,
+    input_kind: str,
+    scoring: str,
     tags: Mapping[str, Tag] | None = None,
     default_tag: str | None = None,
     converter: Callable[..., Any] | None = None,
+    tiny: Mapping[str, Any] | None = None,
     **metadata: Any,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``fn(config) -> model`` under `name`.
+    """Decorator declaring ``fn(config) -> model`` under `name`, with everything the registry knows of it.
 
-    For a built-in name this completes the lazily declared entry (only from its declared module);
-    registering a name that already has a builder raises, as in LAVIS, instead of overwriting.
+    `metadata`: ``paper``, ``upstream``, ``text_backbone``, ``image_backbone``, ``aliases``, ``demo``.
+    `tiny`: config overrides that build a small model with random weights and no files (the generic
+    model test builds every registered name with them). Registering a name that already has a builder
+    raises, as in LAVIS, instead of overwriting.
     """
+    if input_kind not in INPUT_KINDS:
+        raise RegistryError(f"register_model('{name}'): input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
+    if scoring not in SCORING_KINDS:
+        raise RegistryError(f"register_model('{name}'): scoring must be one of {SCORING_KINDS}, got {scoring!r}")
+    fields = {f.name for f in dataclasses.fields(ModelEntry)} - {"name", "target", "fn", "config_cls", "weight_tags"}
+    unknown = set(metadata) - fields
+    if unknown:
+        raise RegistryError(f"register_model('{name}'): unknown metadata {sorted(unknown)}; known: {sorted(fields)}")
+    if not dataclasses.is_dataclass(config):
+        raise RegistryError(f"register_model('{name}'): config must be a dataclass type")
+    if default_tag is not None and default_tag not in (tags or {}):
+        raise RegistryError(f"register_model('{name}'): default tag '{default_tag}' is not among its tags")
+    try:  # a tag or a tiny build that names a wrong field fails here, at import, not in some later test
+        for label, overrides in [("tiny", tiny or {})] + [(f"tag '{t}'", tg.overrides) for t, tg in (tags or {}).items()]:
+            _ = label
+            apply_overrides(config(), overrides)
+    except ConfigError as e:
+        raise RegistryError(f"register_model('{name}'), {label}: {e}") from e
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        entry = _REGISTRY.get(name)
-        if entry is not None and entry.fn is not None:
-            raise RegistryError(f"model '{name}' is already registered (by {entry.fn.__module__}); names are unique")
-        if name in _ALIASES:
-            raise RegistryError(f"'{name}' is already an alias of '{_ALIASES[name]}'")
-        if entry is not None and entry.target is not None:
-            module = entry.target.split(":")[0]
-            if fn.__module__ != module:
-                raise RegistryError(f"'{name}' is a built-in name reserved for {module}; choose another name")
-        else:
-            if input_kind not in INPUT_KINDS:
-                raise RegistryError(f"register_model('{name}'): input_kind must be one of {INPUT_KINDS}, got {input_kind!r}")
-            if scoring not in SCORING_KINDS:
-                raise RegistryError(f"register_model('{name}'): scoring must be one of {SCORING_KINDS}, got {scoring!r}")
-            fields = {f.name for f in dataclasses.fields(ModelEntry)}
-            unknown = set(metadata) - fields
-            if unknown:
-                raise RegistryError(f"register_model('{name}'): unknown metadata {sorted(unknown)}")
-            entry = ModelEntry(name=name, target=None, input_kind=input_kind, scoring=scoring, **metadata)
-            _REGISTRY[name] = entry
-            for a in entry.aliases:
-                _ALIASES[a] = name
-        if not dataclasses.is_dataclass(config):
-            raise RegistryError(f"register_model('{name}'): config must be a dataclass type")
-        entry.fn = fn
-        entry.config_cls = config
-        entry.tags = dict(tags or {})
-        entry.default_tag = default_tag
-        entry.converter = converter
-        if default_tag is not None and default_tag not in entry.tags:
-            raise RegistryError(f"register_model('{name}'): default tag '{default_tag}' is not among its tags")
+        current = _REGISTRY.get(name)
+        if current is not None and current.fn is not None:
+            raise RegistryError(f"model '{name}' is already registered (by {current.fn.__module__}); names are unique")
+        indexed = _INDEX.get(name)
+        if indexed is not None and indexed.target.split(":")[0] != fn.__module__:
+            raise RegistryError(f"'{name}' is a built-in name reserved for {indexed.target.split(':')[0]}; "
+                                "choose another name")
+        target = f"{fn.__module__}:{fn.__name__}" if fn.__module__.startswith("itmzoo.models.") else None
+        entry = ModelEntry(name=name, target=target, input_kind=input_kind, scoring=scoring, fn=fn, config_cls=config,
+                           tags=dict(tags or {}), default_tag=default_tag, converter=converter, tiny=dict(tiny or {}),
+                           **{k: tuple(v) if k == "aliases" else v for k, v in metadata.items()})
+        for a in entry.aliases:
+            if _ALIASES.get(a, name) != name or a in _REGISTRY:
+                raise RegistryError(f"register_model('{name}'): alias '{a}' is already taken")
+        _REGISTRY[name] = entry
+        for a in entry.aliases:
+            _ALIASES[a] = name
         return fn
 
     return deco
@@ -224,9 +243,33 @@ def get_entry(method: str) -> ModelEntry:
             if e.name and module.startswith(e.name):
                 raise RegistryError(f"model '{method}' is declared but its module {module} is not available in this install") from e
             raise
+        entry = _REGISTRY[method]
         if entry.fn is None:
             raise RegistryError(f"{module} did not register '{method}' (expected @register_model on {func})")
+        check_against_index(entry)
     return entry
+
+
+def check_against_index(entry: ModelEntry) -> None:
+    """Raise if the declaration of a built-in `entry` differs from what the generated index says."""
+    indexed = _INDEX.get(entry.name)
+    if indexed is None:
+        return
+    declared = entry.index_record()
+    stale = {k: (v, declared[k]) for k, v in indexed.index_record().items() if declared[k] != v}
+    if stale:
+        raise RegistryError(f"the model index is out of date for '{entry.name}' (index vs declaration: {stale}); "
+                            f"run {INDEX_COMMAND}")
+
+
+def instantiate(name: str, config: Any) -> Any:
+    """Build registered model `name` from a config object or a dict of fields, with random weights."""
+    entry = get_entry(name)
+    if isinstance(config, Mapping):
+        config = apply_overrides(entry.config_cls(), config)
+    model = entry.fn(config)
+    model.registry_name = entry.name
+    return model
 
 
 def resolve_config(name: str, overrides: Mapping[str, Any] | None = None) -> tuple[ModelEntry, Any]:
@@ -260,14 +303,13 @@ def list_models(pattern: str | None = None, *, include_tags: bool = False, inclu
     unknown = set(capabilities) - known
     if unknown:
         raise ValueError(f"unknown capability filter(s) {sorted(unknown)}; known: {sorted(known)}")
+    choices = {"input_kind": INPUT_KINDS, "scoring": SCORING_KINDS, "has_weights": (True, False),
+               "demo": (True, False)}
+    for key, value in capabilities.items():
+        accepted = choices.get(key) or sorted({getattr(e, key) for e in _REGISTRY.values()} - {""})
+        if value not in accepted:
+            raise ValueError(f"list_models: unknown {key}={value!r}; accepted: {', '.join(map(repr, accepted))}")
     want_weights = capabilities.pop("has_weights", None)
-    if want_weights is not None or include_tags:
-        for e in list(_REGISTRY.values()):  # tags are only known once the module is imported
-            if e.fn is None:
-                try:
-                    get_entry(e.name)
-                except RegistryError:
-                    continue
     out: list[str] = []
     for entry in _REGISTRY.values():
         caps = entry.capabilities()
@@ -277,7 +319,7 @@ def list_models(pattern: str | None = None, *, include_tags: bool = False, inclu
             continue
         names = [entry.name]
         if want_weights:  # the tags that carry weights
-            names = [f"{entry.name}.{t}" for t, tg in entry.tags.items() if tg.source]
+            names = [f"{entry.name}.{t}" for t in entry.tags_with_weights()]
         elif include_tags and entry.tags:
             names = [f"{entry.name}.{t}" for t in entry.tags]
         out.extend(n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern))
@@ -327,3 +369,21 @@ def add_model_config(path: str | Path) -> str:
                                 tags={}, default_tag=None)
     _REGISTRY[name] = entry
     return name
+
+
+def builtin_index() -> dict[str, dict[str, Any]]:
+    """The index records of every method declared in ``itmzoo.models`` (imports every model module)."""
+    import itmzoo.models as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"itmzoo.models.{info.name}")
+    return {n: e.index_record() for n, e in sorted(_REGISTRY.items()) if e.target and e.fn is not None}
+
+
+def write_index(path: str | Path = INDEX_PATH) -> Path:
+    """Regenerate the built-in index from the modules' declarations."""
+    path = Path(path)
+    path.write_text(json.dumps(builtin_index(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+

@@ -70,7 +70,7 @@ def test_shapes_and_bad_inputs():
     model = tiny()
     assert model.encode_image(torch.randn(2, 3, 32, 32)).shape == (2, 16)
     assert model.encode_text(ids_batch([4, 12])).shape == (2, 16)
-    pooled, tokens = model.encode_text(ids_batch([4, 7]), return_tokens=True)
+    _, tokens = model.encode_text(ids_batch([4, 7]), return_tokens=True)
     assert tokens.shape == (2, 12, 24)
     with pytest.raises(ValueError, match="32x32 pixels"):
         model.encode_image(torch.randn(1, 3, 40, 40))
@@ -174,3 +174,12 @@ def test_matches_transformers_clip_through_the_key_map():
         img, txt = ours(pixels, ids)
     assert (img - ref_img).abs().max().item() < 1e-5
     assert (txt - ref_txt).abs().max().item() < 1e-5
+
+
+def test_config_json_round_trip_and_validation():
+    cfg = CLIPConfig(vision_blocks=11, vision_output="tokens", text_tower="embeddings")
+    assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="vision_output"):
+        CLIPConfig.from_dict({**cfg.to_dict(), "vision_output": "pooled"})
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        CLIP(CLIPConfig(image_size=30))

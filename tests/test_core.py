@@ -101,7 +101,7 @@ def test_register_twice_raises_and_user_models_work():
         register_model("user_model_x", config=Cfg, input_kind="regions", scoring="embedding")(user_model_x)
     # a built-in name is refused whether or not its module was imported already
     with pytest.raises(RegistryError, match="reserved|already registered"):
-        register_model("lhsc", config=Cfg)(user_model_x)
+        register_model("lhsc", config=Cfg, input_kind="regions", scoring="cross")(user_model_x)
 
 
 def test_add_model_config_from_json(tmp_path):
@@ -236,7 +236,7 @@ def test_kind_mismatch_is_clear():
 
 
 def test_cli_list_and_info():
-    out = subprocess.run([sys.executable, "-m", "itmzoo.cli", "list", "--scoring", "cross"],
+    out = subprocess.run([sys.executable, "-m", "itmzoo.cli", "list", "--names", "--scoring", "cross"],
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["lhsc"]
     err = subprocess.run([sys.executable, "-m", "itmzoo.cli", "info", "nope_model"], capture_output=True, text=True)

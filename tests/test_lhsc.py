@@ -19,7 +19,7 @@ import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.config import ConfigError
 from itmzoo.eval.similarity import similarity_matrix
-from itmzoo.layers.cross_attention import scan_t2i_attention, t2i_attention_packed, context_scale
+from itmzoo.layers.cross_attention import context_scale, scan_t2i_attention, t2i_attention_packed
 from itmzoo.features import cat_features
 from itmzoo.models.lhsc import LHSCConfig, convert_official
 
@@ -40,15 +40,28 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+CASES = ("lhsc_small", "lhsc_seed1_scale1_dropout", "lhsc_gcn_bn_offset", "lhsc_short_context")
+
+
+def _load(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    return json.loads((FIX / f"{name}.json").read_text()), load_npz(FIX / f"{name}.npz")
+
+
 @pytest.fixture(scope="module")
 def fx() -> tuple[dict, dict[str, np.ndarray]]:
-    meta = json.loads((FIX / "lhsc_small.json").read_text())
-    return meta, load_npz(FIX / "lhsc_small.npz")
+    return _load("lhsc_small")
 
 
-def _parts(meta: dict, seed: int | None = None) -> list[OrderedDict]:
-    """The three upstream state dicts, filled with the fixture rule."""
+def _parts(meta: dict, seed: int | None = None, z: dict | None = None) -> list[OrderedDict]:
+    """The three upstream state dicts, filled with the fixture rule (plus the case's zeroed tensors and
+    stored buffers, see make_fixtures.py)."""
     sd = filled_state_dict(meta["state_dict"], meta["seed"] if seed is None else seed, meta["scale"])
+    for k in meta.get("zeroed", []):
+        sd[k] = torch.zeros_like(sd[k])
+    for k, c in meta.get("offset", {}).items():
+        sd[k] = sd[k] + c
+    if z is not None:
+        sd.update({k[len("init."):]: torch.from_numpy(v) for k, v in z.items() if k.startswith("init.")})
     return [OrderedDict((k[len(p) + 1:], v) for k, v in sd.items() if k.startswith(p + ".")) for p in PARTS]
 
 
@@ -61,11 +74,22 @@ def _official_file(path: Path, parts: list, opt: argparse.Namespace | dict | Non
     return path
 
 
+def _case_ckpt(meta: dict, z: dict, directory: Path) -> Path:
+    opt = argparse.Namespace(**meta["settings"], data_name="f30k_precomp", lr_update=20, workers=20)
+    return _official_file(directory / "model_best.pth.tar", _parts(meta, z=z), opt)
+
+
 @pytest.fixture(scope="module")
 def ckpt(fx, tmp_path_factory) -> Path:
-    meta, _ = fx
-    opt = argparse.Namespace(**meta["settings"], data_name="f30k_precomp", lr_update=20, workers=20)
-    return _official_file(tmp_path_factory.mktemp("lhsc") / "model_best.pth.tar", _parts(meta), opt)
+    meta, z = fx
+    return _case_ckpt(meta, z, tmp_path_factory.mktemp("lhsc"))
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request, tmp_path_factory) -> tuple[dict, dict[str, np.ndarray], Path]:
+    """Every parity fixture: (meta, arrays, official-layout checkpoint)."""
+    meta, z = _load(request.param)
+    return meta, z, _case_ckpt(meta, z, tmp_path_factory.mktemp(request.param))
 
 
 def _text(z: dict, rows: slice, width: int | None = None) -> dict[str, torch.Tensor]:
@@ -90,8 +114,8 @@ def _encode_text_blocks(model, z: dict, block: int, mode: str | None = None) -> 
 
 
 @torch.no_grad()
-def test_parity_eval_embeddings_and_similarity(fx, ckpt):
-    meta, z = fx
+def test_parity_eval_embeddings_and_similarity(case):
+    meta, z, ckpt = case
     model = itmzoo.build("lhsc", checkpoint=str(ckpt))
     assert not model.training and model.config.text_padding == "batch"
     img = model.encode_image({"regions": torch.from_numpy(z["images"])})
@@ -137,38 +161,132 @@ def test_parity_through_tokenizer_and_evaluator(fx, ckpt, tmp_path):
 
 
 @torch.no_grad()
-def test_parity_masked_equals_encoding_alone(fx, ckpt):
-    _, z = fx
+def test_parity_masked_equals_encoding_alone(case):
+    _, z, ckpt = case
     model = itmzoo.build("lhsc", checkpoint=str(ckpt), text_padding="masked")
     img = model.encode_image({"regions": torch.from_numpy(z["images"])})
-    txt = model.encode_text(_text(z, slice(None)))            # one batch padded to 14: padding ignored
+    txt = model.encode_text(_text(z, slice(None)))            # one batch padded to the longest: padding ignored
     torch.testing.assert_close(txt["tokens"], torch.from_numpy(z["alone_cap_emb"]), atol=TOL, rtol=0)
     torch.testing.assert_close(model.similarity(img, txt).double(), torch.from_numpy(z["alone_sims"]),
                                atol=TOL, rtol=0)
 
 
-def test_parity_training_step(fx, ckpt):
-    """Train mode, dropout p=0: scores, summed hardest-negative loss, every gradient, BN running stats."""
-    _, z = fx
-    model = itmzoo.build("lhsc", checkpoint=str(ckpt), embed_dropout=0.0, sa_dropout=0.0)
-    model.train()
+def _replay_dropout(model: torch.nn.Module, meta: dict, z: dict) -> None:
+    """Make every active Dropout of `model` apply the mask upstream drew in the fixture's training step.
+
+    Upstream's TextSA runs once per caption ([1, L_j, D] and [1, D] masks); itmzoo's runs once on the
+    packed words of all captions and on all captions' means, so those masks are concatenated in caption
+    order (the batch order, which is the same on both sides).
+    """
+    calls = meta["dropout_calls"]
+    active = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+    assert active == set(calls), (sorted(active ^ set(calls)))
+    for name, m in model.named_modules():
+        if name not in active:
+            continue
+        masks = [torch.from_numpy(z[f"dropout.{name}.{j}"]) for j in range(calls[name])]
+        if name == "sim_enc.t_global_w.embedding_local.2":
+            keep = torch.cat([k[0] for k in masks])             # [T packed words, D]
+        elif name == "sim_enc.t_global_w.embedding_global.2":
+            keep = torch.cat(masks)                             # [captions, D]
+        else:
+            assert len(masks) == 1, name
+            keep = masks[0]
+        scale = 1 - m.p
+        m.forward = lambda x, keep=keep, scale=scale: x * (keep.to(x.dtype) / scale)
+
+
+def _assert_grad_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Within 1e-5, relative for entries larger than 1."""
+    err = (got.double() - want.double()).abs() / want.double().abs().clamp(min=1.0)
+    assert err.max().item() <= TOL, f"{name}: max error {err.max().item():.3g} (scaled by max(1, |g|))"
+
+
+def _train_model(meta: dict, ckpt: Path, z: dict) -> torch.nn.Module:
+    drop = meta["train_dropout"]
+    model = itmzoo.build("lhsc", checkpoint=str(ckpt), embed_dropout=0.4 if drop else 0.0,
+                         sa_dropout=0.4 if drop else 0.0)
+    assert model.config.text_attn_dropout == meta["settings"]["drop_out"]
+    if drop:
+        _replay_dropout(model, meta, z)
+    return model.train()
+
+
+def test_parity_training_step(case):
+    """Train mode (dropout replayed or p=0): scores, summed hardest-negative loss, every gradient, BN stats."""
+    meta, z, ckpt = case
     batch = {"regions": torch.from_numpy(z["train_images"]), "input_ids": torch.from_numpy(z["train_captions"]),
              "lengths": torch.from_numpy(z["train_lengths"])}
+    model = _train_model(meta, ckpt, z)
     scores = model.similarity(model.encode_image(batch), model.encode_text(batch))
     torch.testing.assert_close(scores, torch.from_numpy(z["train_sims"]), atol=TOL, rtol=0)
     # forward() recomputes everything, so use a fresh copy for the loss and the gradients
-    model = itmzoo.build("lhsc", checkpoint=str(ckpt), embed_dropout=0.0, sa_dropout=0.0)
-    model.train()
+    model = _train_model(meta, ckpt, z)
     loss = model(batch)["loss"]
     assert abs(loss.item() - float(z["train_loss"])) < TOL
     loss.backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, torch.from_numpy(z[f"grad.{name}"]), atol=TOL, rtol=TOL, msg=name)
+        want = torch.from_numpy(z[f"grad.{name}"])
+        if f"grad64.{name}" not in z:
+            _assert_grad_close(p.grad, want, name)
+            continue
+        # an attended context ~1e-4 long amplifies rounding ~1e4x on its way back: upstream's own float32
+        # gradients are up to 8e-5 from the float64 ones there, so both are measured against float64
+        exact = torch.from_numpy(z[f"grad64.{name}"])
+        scale = exact.abs().clamp(min=1.0)
+        upstream_err = ((want.double() - exact) / scale).abs().max().item()
+        err = ((p.grad.double() - exact) / scale).abs().max().item()
+        assert err <= max(TOL, 2 * upstream_err), (name, err, upstream_err)
     for name, b in model.named_buffers():
         if "running" in name:
             torch.testing.assert_close(b, torch.from_numpy(z[f"bn_after.{name}"]), atol=TOL, rtol=1e-5, msg=name)
     saf_bn = model.sim_enc.cal_sim_base_atten.bn
-    assert int(saf_bn.num_batches_tracked) == 8   # once per caption, as upstream
+    n_tracked = int(torch.from_numpy(z["init.sim_enc.cal_sim_base_atten.bn.num_batches_tracked"])) \
+        if "init.sim_enc.cal_sim_base_atten.bn.num_batches_tracked" in z else 0
+    assert int(saf_bn.num_batches_tracked) == n_tracked + 8   # once per caption, as upstream
+
+
+@torch.no_grad()
+def test_short_context_fixture_defeats_a_float32_quadratic_form(monkeypatch, tmp_path):
+    """The short-context fixture is built so an attended context is ~1e-4 long: the float32 Gram form of
+    its norm (the code before this fix) misses upstream's scores by more than the tolerance there."""
+    import itmzoo.models.lhsc as lhsc_mod
+
+    meta, z = _load("lhsc_short_context")
+    regions = torch.from_numpy(z["eval_img_emb"]).double()
+    lengths = torch.from_numpy(z["eval_cap_lens"])
+    words = torch.cat([torch.from_numpy(z["eval_cap_emb"][j, :n]) for j, n in enumerate(lengths.tolist())]).double()
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    attn = t2i_attention_packed(regions, words, torch.nn.functional.one_hot(seg).double(), seg, 9.0)
+    assert torch.bmm(attn, regions).norm(dim=-1).min().item() < 3e-4
+
+    def float32_scale(regions, attn, eps=1e-8, gram=None):
+        g = torch.bmm(regions.float(), regions.float().transpose(1, 2))
+        return 1.0 / ((torch.bmm(attn, g) * attn).sum(-1).clamp(min=0).sqrt() + eps)
+
+    model = itmzoo.build("lhsc", checkpoint=str(_case_ckpt(meta, z, tmp_path)))
+    img = {"regions": torch.from_numpy(z["eval_img_emb"]),
+           "global": model.sim_enc.v_global_w(torch.from_numpy(z["eval_img_emb"]))}
+    txt = _encode_text_blocks(model, z, meta["eval_batch_size"])
+    want = torch.from_numpy(z["eval_sims"])
+    assert (model.similarity(img, txt).double() - want).abs().max().item() < TOL
+    monkeypatch.setattr(lhsc_mod, "context_scale", float32_scale)
+    assert (model.similarity(img, txt).double() - want).abs().max().item() > 3 * TOL
+
+
+def test_context_scale_is_exact_for_short_contexts():
+    """Regions that nearly cancel in pairs: the batched norm agrees with a direct float64 norm."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(4, 18, 64, generator=g, dtype=torch.float64), dim=-1)
+    regions = torch.cat([v, -v + 1e-4 * torch.randn(4, 18, 64, generator=g, dtype=torch.float64)], 1)
+    attn = torch.softmax(1e-3 * torch.randn(4, 5, 36, generator=g, dtype=torch.float64), -1)
+    want = 1.0 / (torch.bmm(attn, regions).norm(dim=-1) + 1e-8)
+    assert (1 / want).max() < 1e-3                                   # the contexts are short
+    got = context_scale(regions.float(), attn.float())
+    direct = 1.0 / (torch.bmm(attn.float().double(), regions.float().double()).norm(dim=-1) + 1e-8)
+    torch.testing.assert_close(got.double(), direct, rtol=1e-6, atol=0)
+    # chunking the float64 temporaries changes nothing
+    torch.testing.assert_close(context_scale(regions.float(), attn.float(), chunk_elems=100), got, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +337,7 @@ def test_blockwise_similarity_equals_full_and_reference_loop():
 
 def _reference_loop(model, img, txt) -> torch.Tensor:
     sim = model.sim_enc
-    l2 = lambda x: x / (x.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)  # noqa: E731
+    l2 = lambda x: x / (x.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)
     cols = []
     for j in range(txt["tokens"].shape[0]):
         n = int(txt["mask"][j].sum())

@@ -165,18 +165,19 @@ def test_same_seed_same_run_and_logs(data, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert recs[0]["type"] == "start" and recs[0]["steps_per_epoch"] == 10
     epochs = [r for r in recs if r["type"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1] and all("rsum" in e["dev"] for e in epochs)
+    # epochs count from 1 in the log, as in the printed lines
+    assert [e["epoch"] for e in epochs] == [1, 2] and all("rsum" in e["dev"] for e in epochs)
     step = next(r for r in recs if r["type"] == "step")
-    assert {"loss", "lr", "grad_norm", "samples_per_s", "epoch", "batch"} <= set(step)
+    assert {"loss", "lr", "grad_norm", "samples_per_s", "epoch", "batch"} <= set(step) and step["epoch"] == 1
 
 
 def test_best_checkpoint_follows_dev_rsum(data, tmp_path):
     tr, dv = data
     res = fit(toy(), tr, {"epochs": 3, "batch_size": 16, "lr": 1e-2, **QUIET}, dv, out_dir=tmp_path)
     rsums = [e["dev"]["rsum"] for e in res.history]
-    assert res.best_metric == max(rsums) and res.best_epoch == int(np.argmax(rsums))
+    assert res.best_metric == max(rsums) and res.best_epoch == int(np.argmax(rsums)) + 1
     meta = json.loads((tmp_path / "best" / "config.json").read_text())
-    assert meta["extra"]["epoch"] == res.best_epoch and meta["extra"]["rsum"] == res.best_metric
+    assert meta["extra"]["epoch"] == res.best_epoch and meta["extra"]["rsum"] == pytest.approx(res.best_metric, rel=1e-9)
     best = itmzoo.load(tmp_path / "best")
     assert itmzoo.evaluate(best, dv, progress=False)["rsum"] == pytest.approx(res.best_metric)
     assert find_checkpoint(tmp_path) == tmp_path / "last"
@@ -252,7 +253,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(data,
         return {"loss": out["loss"] * float("nan")} if count[0] == 5 else out
 
     m.forward = forward
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 0, batch 5 of 10 "
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 1, batch 5 of 10 "
                                                  r"\(optimizer step 5\).*last good checkpoint is .*last \(after step 4\)"):
         fit(m, tr, {"epochs": 2, "batch_size": 16, "ckpt_every": 2, **QUIET}, out_dir=tmp_path)
     state = torch.load(tmp_path / "last" / "trainer_state.pt", weights_only=True)
@@ -285,3 +286,22 @@ def test_tensorboard_without_the_package_is_a_clear_error(data, tmp_path):
     tr, _ = data
     with pytest.raises(ImportError, match="pip install tensorboard"):
         fit(toy(), tr, {"epochs": 1, "batch_size": 16, "tensorboard": True, "progress": False}, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("drop_last, grads, steps", [
+    (True, [1.5, 1.5], 1),  # 10 captions in micro-batches of 3: 3 full batches, one whole window of 2
+    (False, [1.5, 1.5, 1.5, 0.5], 2),  # the last batch of 1 is kept and its incomplete window steps
+])
+def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop_last, grads, steps):
+    """Lightning's rule: every micro-batch loss is divided by accum_steps, also in an incomplete window."""
+    split = SyntheticShapes({"train": 2}, region_dim=24, num_regions=5).split("train")  # 10 captions
+    model = toy()
+    model.accumulation = "naive"
+    model.scale = torch.nn.Parameter(torch.ones(()))
+    model.forward = lambda batch: {"loss": model.scale * len(batch["image_index"])}
+    seen: list[float] = []
+    model.scale.register_hook(lambda g: seen.append(float(g)))
+    result = fit(model, split, {"epochs": 1, "batch_size": 6, "accum_steps": 2, "drop_last": drop_last,
+                                "progress": False})
+    assert result.steps == steps
+    assert seen == pytest.approx(grads)

@@ -232,6 +232,26 @@ def test_composition_k_at_least_gallery_equals_the_second_model_alone():
     torch.testing.assert_close(summed["sims"].i2t, alone["sims"] + first_sims, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("waste", [1.0, 4.0])
+def test_composition_pair_scores_equal_the_second_models_matrix(waste):
+    """score_pairs merges queries into blocks; every pair still gets its own entry of the full matrix."""
+    from itmzoo.eval import encode_split
+
+    split = _synthetic()
+    model = _composition(block_waste=waste)
+    img, txt = encode_split(model, split, progress=False)
+    with torch.no_grad():
+        full = model.second.similarity({k[7:]: v for k, v in img.items() if k.startswith("second.")},
+                                       {k[7:]: v for k, v in txt.items() if k.startswith("second.")})
+        g = torch.Generator().manual_seed(0)
+        # queries in shuffled order with 1-5 candidates each, some repeated
+        ii = torch.randint(0, split.num_images, (40,), generator=g)
+        ti = torch.randint(0, split.num_captions, (40,), generator=g)
+        for direction in ("i2t", "t2i"):
+            got = model.score_pairs(img, txt, ii, ti, direction)
+            torch.testing.assert_close(got, full[ii, ti], rtol=1e-5, atol=1e-6)
+
+
 def test_composition_parts_load_their_checkpoints_and_round_trip(tmp_path):
     split = _synthetic()
     a = _composition()
@@ -305,3 +325,23 @@ def test_evaluating_imports_nothing_of_train():
                        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rsum" in r.stdout
+
+
+def test_cli_evaluates_a_composition_with_a_chosen_k(tmp_path, capsys):
+    from itmzoo.cli import main
+
+    first = _composition().first
+    first.save_pretrained(tmp_path / "first")
+    second_cfg = json.dumps(_composition().config.second_config)
+    rc = main(["eval", "--model", "two_stage", "--set", "first=toy_vse",
+               "--set", f"first_checkpoint={tmp_path / 'first'}", "--set", "second=lhsc",
+               "--set", f"second_config={second_cfg}", "--rerank-k", "3", "--block", "5", "7",
+               "--data", "format=synthetic,split=test,region_dim=16,num_regions=4,seed=1,num_images={test: 12}",
+               "--quiet", "--out", str(tmp_path / "m.json")])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["two_stage"]["rerank_k"] == 3 and m["two_stage"]["k_i2t"] == 3 and m["n_images"] == 12
+    assert "two-stage: k = 3; first stage alone:" in capsys.readouterr().out
+    with torch.no_grad():  # the first stage is the saved toy model
+        assert m["two_stage"]["first_stage"]["rsum"] == evaluate(itmzoo.load(tmp_path / "first"), _synthetic(),
+                                                                 progress=False)["rsum"]

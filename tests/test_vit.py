@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from itmzoo.encoders.vit import _rename_layer_key, build_vit, vit_key_layout, vit_state_for
+from itmzoo.encoders.vit import (
+    _rename_layer_key,
+    build_vit,
+    vit_key_layout,
+    vit_state_for,
+)
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "image_size": 32, "patch_size": 8}
@@ -51,4 +56,27 @@ def test_sdpa_equals_eager(seed):
         a, b = sdpa(pixel_values=x), eager(pixel_values=x)
     assert a.last_hidden_state.shape == (3, 17, 32)
     assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() < 1e-5
+    assert (a.pooler_output - b.pooler_output).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["bert-base-uncased", "roberta-base"])
+def test_hf_text_sdpa_equals_eager_with_padding(arch):
+    """BERT / RoBERTa (Multi-SEA's text tower, pooler included) through the HF path: SDPA == eager."""
+    from itmzoo.encoders.hf_text import build_hf_text_model
+
+    tiny = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
+            "vocab_size": 60, "max_position_embeddings": 44}
+    torch.manual_seed(0)
+    sdpa = build_hf_text_model(arch, tiny, attention="sdpa").eval()
+    eager = build_hf_text_model(arch, tiny, attention="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert "pooler.dense.weight" in sdpa.state_dict()
+    ids = torch.randint(3, 60, (3, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 5:] = 0  # long padding (Multi-SEA pads every caption to 40)
+    mask[2, 30:] = 0
+    with torch.no_grad():
+        a, b = sdpa(input_ids=ids, attention_mask=mask), eager(input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    assert (a.last_hidden_state - b.last_hidden_state)[valid].abs().max().item() < 1e-5
     assert (a.pooler_output - b.pooler_output).abs().max().item() < 1e-5

@@ -10,6 +10,25 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read it by setting it, then put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool) -> None:
+    # mkstemp/mkdtemp create 0600/0700; a finished file gets what open()/mkdir() would have given it
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
@@ -20,6 +39,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _usual_mode(tmp_path, directory=False)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -47,6 +67,9 @@ def atomic_dir(directory: str | Path) -> Iterator[Path]:
     old = directory.with_name(f".{directory.name}.old")
     try:
         yield tmp
+        # the directory from mkdtemp, and files that writers create privately (safetensors writes 0600)
+        for sub in [tmp, *tmp.rglob("*")]:
+            _usual_mode(sub, directory=sub.is_dir())
         if old.exists():
             shutil.rmtree(old)
         if directory.exists():

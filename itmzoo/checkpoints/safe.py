@@ -53,9 +53,21 @@ def read_pickled_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = D
             last_err = e
         except UnicodeDecodeError as e:
             last_err = e
-        except (RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from e
-    raise CheckpointError(f"{path}: cannot read checkpoint ({last_err})")
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            # torch's own message advises weights_only=False, i.e. running the file's code: never relay it
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_clause(e)}); expected a file "
+                                  "written by torch.save (an authors' .pth / .pth.tar)") from None
+    raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_clause(last_err)}); expected a file "
+                          "written by torch.save (an authors' .pth / .pth.tar)")
+
+
+def _first_clause(e: BaseException | None) -> str:
+    """The first line of an error message, without torch's advice to unpickle unsafely."""
+    text = str(e or "").strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    if "weights_only" in first or "Weights only load failed" in first:
+        return "not a torch.save file"
+    return first[:200]
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:

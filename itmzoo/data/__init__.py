@@ -16,6 +16,7 @@ __all__ = [
     "HFTokenizer",
     "RegionTransform",
     "RetrievalSplit",
+    "SYNTHETIC_VOCAB",
     "SyntheticShapes",
     "Vocab",
     "image_transform",
@@ -31,6 +32,7 @@ __all__ = [
 
 _LAZY = {
     "SyntheticShapes": ".synthetic",
+    "SYNTHETIC_VOCAB": ".synthetic",
     "Vocab": ".vocab",
     "image_transform": ".transforms",
     "RegionTransform": ".transforms",

@@ -72,6 +72,29 @@ def _read_lines(path: Path) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from e
 
 
+def _blank_tail(lines: Sequence[str]) -> int:
+    n = 0
+    while n < len(lines) and not lines[len(lines) - 1 - n]:
+        n += 1
+    return n
+
+
+def _read_captions(path: Path) -> list[str]:
+    """Caption lines; empty ones are kept (upstream keeps them) but named in a warning."""
+    caps = _read_lines(path)
+    tail = _blank_tail(caps)
+    inner = [i + 1 for i, c in enumerate(caps[: len(caps) - tail]) if not c]
+    if inner or tail:
+        parts = []
+        if inner:
+            parts.append(f"{len(inner)} empty caption line(s) (line {', '.join(map(str, inner[:5]))}"
+                         + (", ..." if len(inner) > 5 else "") + ")")
+        if tail:
+            parts.append(f"{tail} blank line(s) at the end of the file")
+        warnings.warn(f"{path}: {' and '.join(parts)}; each counts as an (empty) caption", stacklevel=3)
+    return caps
+
+
 def _read_json(path: Path, what: str) -> Any:
     _need(path, what)
     try:
@@ -88,13 +111,18 @@ def _check_images(paths: Sequence[Path], source: Path | str) -> None:
                                 f"e.g. {', '.join(str(p) for p in missing[:3])}; check image_root")
 
 
-def _per_image(n_img: int, n_cap: int, img_file: Path, cap_file: Path) -> int:
+def _per_image(n_img: int, n_cap: int, img_file: Path, cap_file: Path, blank_tail: int = 0) -> int:
     """Captions per image under SCAN's rule (`im_div`): image rows are per image or per caption."""
     if n_img == 0 or n_cap == 0:
         raise DataError(f"empty split: {n_img} images in {img_file}, {n_cap} captions in {cap_file}")
     if n_cap < n_img or n_cap % n_img:
+        tail = ""
+        if blank_tail:
+            tail = (f"; its last {blank_tail} line(s) are blank, and without them the counts "
+                    + ("agree: remove the blank lines" if (n_cap - blank_tail) % n_img == 0 and n_cap > blank_tail
+                       else "still disagree"))
         raise DataError(f"{cap_file} has {n_cap} captions but {img_file} has {n_img} images: expected the same "
-                        "number of captions for every image (e.g. 5 per image, or one image row per caption)")
+                        f"number of captions for every image (e.g. 5 per image, or one image row per caption){tail}")
     return n_cap // n_img
 
 
@@ -136,8 +164,8 @@ def read_precomp(root: PathLike, split: str, *, dev_captions: int | None = DEV_C
         raise DataError(f"{ims_path}: region features have dim {ims.shape[2]}, expected {region_dim}")
     if not np.issubdtype(ims.dtype, np.floating):
         raise DataError(f"{ims_path}: dtype {ims.dtype}; expected floating point features")
-    caps = _read_lines(caps_path)
-    per = _per_image(len(ims), len(caps), ims_path, caps_path)
+    caps = _read_captions(caps_path)
+    per = _per_image(len(ims), len(caps), ims_path, caps_path, _blank_tail(caps))
     n_cap = _truncate_dev(split, len(caps), dev_captions)
     n_img = -(-n_cap // per)
     ids = _precomp_ids(root / f"{split}_ids.txt", len(ims), len(caps), per)
@@ -244,13 +272,13 @@ def read_ids_caps(root: PathLike, split: str, image_root: PathLike | None = None
     if not isinstance(id2path, dict):
         raise DataError(f"{map_path}: expected a json object {{\"<id>\": \"<relative image path>\"}}")
     ids = _read_lines(ids_path)
-    caps = _read_lines(caps_path)
+    caps = _read_captions(caps_path)
     if len(ids) == len(caps):
         order: dict[str, int] = {}
         c2i = np.array([order.setdefault(i, len(order)) for i in ids], dtype=np.int64)
         uniq = list(order)
     else:
-        per = _per_image(len(ids), len(caps), ids_path, caps_path)
+        per = _per_image(len(ids), len(caps), ids_path, caps_path, _blank_tail(caps))
         uniq, c2i = ids, np.arange(len(caps)) // per
     n_cap = _truncate_dev(split, len(caps), dev_captions)
     c2i, caps = c2i[:n_cap], caps[:n_cap]

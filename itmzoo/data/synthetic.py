@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .split import RetrievalSplit
 
-__all__ = ["COLOURS", "SHAPES", "SIZES", "SceneObject", "SyntheticShapes"]
+__all__ = ["COLOURS", "SHAPES", "SIZES", "SYNTHETIC_VOCAB", "SceneObject", "SyntheticShapes"]
+
+#: SCAN-format vocabulary of every word the synthetic captions use (shipped with the package), so
+#: word-vocabulary models (ESA BiGRU, LHSC) tokenise the built-in data anywhere, offline
+SYNTHETIC_VOCAB = str(Path(__file__).with_name("assets") / "synthetic_shapes_vocab.json")
 
 # name, RGB, caption words (synonyms)
 COLOURS: tuple[tuple[str, tuple[int, int, int], tuple[str, ...]], ...] = (

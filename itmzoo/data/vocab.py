@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..features import sequence_mask
+
 __all__ = ["SPECIALS", "Vocab", "word_tokenize"]
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
@@ -129,5 +131,5 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.T
     for i, s in enumerate(seqs):
         if len(s):
             ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
+    mask = sequence_mask(lengths, L).long()
     return {"input_ids": ids, "attention_mask": mask, "lengths": lengths}

@@ -329,3 +329,119 @@ def openai_state_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
             raise KeyError(f"{prefix}: the checkpoint has only the {sorted(parts)} projections ({kind})")
         out[prefix + f"attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
     return out
+
+
+_TIMM_SWAPS = (("blocks.", "transformer.resblocks."), ("norm1.", "ln_1."), ("norm2.", "ln_2."),
+               ("attn.qkv.", "attn.in_proj_"), ("attn.proj.", "attn.out_proj."), ("mlp.fc1.", "mlp.c_fc."),
+               ("mlp.fc2.", "mlp.c_proj."))
+
+
+def openai_state_from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm CLIP image tower (``vit_base_patch16_clip_224.openai`` layout) renamed to OpenAI's ``visual.*`` keys.
+
+    timm stores ``visual.proj`` as ``head.weight`` (transposed) with a zero ``head.bias``; a non-zero bias
+    has no place in CLIP and is an error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k == "cls_token":
+            out["visual.class_embedding"] = v.reshape(-1)
+        elif k == "pos_embed":
+            out["visual.positional_embedding"] = v.reshape(v.shape[-2], v.shape[-1])
+        elif k == "patch_embed.proj.weight":
+            out["visual.conv1.weight"] = v
+        elif k.startswith("norm_pre."):
+            out["visual.ln_pre." + k[len("norm_pre."):]] = v
+        elif k.startswith("norm."):
+            out["visual.ln_post." + k[len("norm."):]] = v
+        elif k == "head.weight":
+            out["visual.proj"] = v.t()
+        elif k == "head.bias":
+            if v.abs().max() > 0:
+                raise ValueError("timm CLIP checkpoint has a non-zero head.bias; CLIP's projection has no bias")
+        elif k.startswith("blocks."):
+            for a, b in _TIMM_SWAPS:
+                k = k.replace(a, b)
+            out["visual." + k] = v
+        else:
+            out[k] = v
+    return out
+
+
+#: int entries of OpenAI's archives (``input_resolution``, ``context_length``, ``vocab_size``), not weights
+OPENAI_NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
+
+
+def clip_layout(keys) -> str:
+    """``"openai"`` (OpenAI / open_clip), ``"hf"`` (transformers) or ``"timm"``; ValueError otherwise."""
+    keys = set(keys)
+    if "visual.conv1.weight" in keys:
+        return "openai"
+    if "vision_model.embeddings.patch_embedding.weight" in keys:
+        return "hf"
+    if "patch_embed.proj.weight" in keys and "cls_token" in keys:
+        return "timm"
+    raise ValueError("not a CLIP checkpoint: none of visual.conv1.weight (OpenAI/open_clip), "
+                     "vision_model.embeddings.patch_embedding.weight (transformers), patch_embed.proj.weight (timm)")
+
+
+def to_openai_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported CLIP layout (prefixes ``module.`` / ``_orig_mod.`` stripped) in OpenAI's key names."""
+    from ..checkpoints.safe import strip_prefixes
+
+    state = strip_prefixes(state)
+    layout = clip_layout(state)
+    if layout == "hf":
+        return openai_state_from_hf(state)
+    if layout == "timm":
+        return openai_state_from_timm(state)
+    return {k: v for k, v in state.items() if k not in OPENAI_NON_WEIGHTS}
+
+
+def unused_pretrained_keys(cfg: CLIPConfig, keys) -> list[str]:
+    """Keys of a full CLIP checkpoint that `cfg` deliberately does not build (dropped blocks, proj, text tower)."""
+    import re
+
+    block = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
+    out = []
+    for k in keys:
+        m = block.match(k)
+        if m and int(m.group(1)) >= cfg.num_vision_blocks and int(m.group(1)) < cfg.vision_layers:
+            out.append(k)
+        elif k == "visual.proj" and cfg.vision_output == "tokens":
+            out.append(k)
+        elif k == "logit_scale" and not cfg.logit_scale:
+            out.append(k)
+        elif not k.startswith("visual.") and k != "logit_scale":
+            text_keep = {"full": True, "none": False,
+                         "embeddings": k in ("token_embedding.weight", "positional_embedding") or k.startswith("ln_final.")}
+            if not text_keep[cfg.text_tower]:
+                out.append(k)
+    return out
+
+
+def load_clip_pretrained(model: CLIP, source, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Load CLIP weights from a local file or folder into `model`, strictly; return the keys left out on purpose.
+
+    `source`: OpenAI's TorchScript ``ViT-B-16.pt`` (read as data, never run), an open_clip or timm
+    safetensors/bin file, or a transformers CLIP folder. Keys the config does not build (blocks past
+    ``vision_blocks``, ``visual.proj`` for token output, the text tower) are left out and returned; every
+    other key must match by name and shape (fp16 archives are cast to the model's dtype).
+    """
+    from ..checkpoints.safe import CheckpointError, load_state_strict
+    from .backbones import BackboneError, read_state_file
+
+    if state is None:
+        state = read_state_file(source)
+    try:
+        state = to_openai_state(state)
+    except (ValueError, KeyError) as e:
+        raise BackboneError(f"{source}: {e}") from None
+    dropped = unused_pretrained_keys(model.cfg, state)
+    kept = {k: v for k, v in state.items() if k not in set(dropped)}
+    try:
+        load_state_strict(model, kept, source=str(source),
+                          hint="the file holds a different CLIP architecture than the configured one")
+    except CheckpointError as e:
+        raise BackboneError(str(e)) from None
+    return sorted(dropped)

@@ -19,16 +19,12 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
+
+from ..features import sequence_mask
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["WordGRUEncoder", "esa_glove_key", "glove_candidates", "init_embedding_from_glove", "load_glove",
            "sequence_mask"]
-
-
-def sequence_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
-    """Boolean ``[B, max_len]``: True where ``t < lengths[b]``."""
-    max_len = int(lengths.max()) if max_len is None else max_len
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths.long()[:, None]
 
 
 class WordGRUEncoder(nn.Module):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features import sequence_mask
+
 __all__ = ["RegionFeatureEncoder", "RegionMLP", "region_mask", "xavier_linear_"]
 
 
@@ -84,4 +86,4 @@ def region_mask(regions: torch.Tensor, lengths: torch.Tensor | None) -> torch.Te
     B, R = regions.shape[:2]
     if lengths is None:
         return torch.ones(B, R, dtype=torch.bool, device=regions.device)
-    return torch.arange(R, device=regions.device)[None, :] < lengths.to(regions.device).long()[:, None]
+    return sequence_mask(lengths.to(regions.device), R)

@@ -80,7 +80,7 @@ def _rename_layer_key(key: str, to: str) -> str:
 
 def vit_state_for(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (either transformers layout, optionally under a ``vit.`` prefix) renamed to `model`'s layout."""
-    state = {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
+    state = {(k.removeprefix("vit.")): v for k, v in state.items()}
     want = vit_key_layout(model.state_dict().keys())
     have = vit_key_layout(state.keys())
     if want is None or have is None or want == have:

@@ -10,10 +10,12 @@ This follows the re-ranked protocol of ALBEF, BLIP and Multi-SEA (``salesforce/A
 4. two matrices are filled with -100 everywhere except the top-k entries of their direction, which hold
    the second-stage scores; i2t ranks come from the first matrix and t2i ranks from the second.
 
-A ground truth outside the top k ties at -100 with every other unselected item; itmzoo's optimistic
-ranks place it right after the k candidates (upstream's numpy argsort places it anywhere among the
-ties, so R@K for K <= k is the same and medr/meanr are not comparable). Second-stage scores at or
-below -100 would be ranked wrongly, as upstream would; the evaluator refuses them.
+A ground truth outside the top k ties at -100 with every other unselected item. Upstream's numpy
+argsort puts it anywhere among those ties; itmzoo's default optimistic ranks put it right after the k
+candidates (rank k + 1) and ``tie_mode="pessimistic"`` after every tie. R@K for K <= k is exact
+either way; for K > k the two modes bound it from above and below, and medr/meanr depend on the
+mode. Second-stage scores at or below -100 would be ranked wrongly, as upstream would; the evaluator
+refuses them.
 """
 
 from __future__ import annotations
@@ -179,6 +181,9 @@ def two_stage_scores(model: torch.nn.Module, image_feats: Features, text_feats: 
 def describe(result: TwoStageScores) -> dict[str, Any]:
     """What a metrics record says about a two-stage evaluation (k, pairs and time of each stage)."""
     n_img, n_txt = result.first.shape
-    return {"k_i2t": result.k_i2t, "k_t2i": result.k_t2i, "first_stage_pairs": n_img * n_txt,
+    return {"k_i2t": result.k_i2t, "k_t2i": result.k_t2i,
+            # R@K does not depend on how the -100 ties are ordered for K up to this
+            "recall_exact_up_to": min(result.k_i2t, result.k_t2i),
+            "first_stage_pairs": n_img * n_txt,
             "second_stage_pairs": n_img * result.k_i2t + n_txt * result.k_t2i,
             **{f"{k}_seconds": v for k, v in result.seconds.items()}}

@@ -1,6 +1,6 @@
 """SCAN-style text-to-image cross attention, batched over blocks of images x captions.
 
-Words are queries and regions the context (SCAN t2i, protocol spec §4.3):
+Words are queries and regions the context (SCAN's t2i attention, kuanghuei/SCAN):
 ``s_rt = LeakyReLU_0.1(v_r · w_t)``, L2-normalised over the words of each caption (the "clipped l2norm"),
 ``α_tr = softmax_r(λ s_rt)`` and ``a_t = Σ_r α_tr v_r``. SGRAF/LHSC add an L2 norm of ``a_t``.
 
@@ -62,24 +62,38 @@ def t2i_attention_packed(regions: torch.Tensor, words: torch.Tensor, onehot: tor
 
 
 def region_gram(regions: torch.Tensor) -> torch.Tensor:
-    """``V Vᵀ [Ni, R, R]`` in float32 at least (it feeds a norm); compute once per block of images."""
-    v = regions if regions.dtype in (torch.float32, torch.float64) else regions.float()
-    with torch.autocast(v.device.type, enabled=False):
+    """``V Vᵀ [Ni, R, R]`` in float64 (it feeds a quadratic form that can cancel); once per block of images.
+
+    The products of float32 inputs are exact in float64, so the Gram matrix carries no rounding that
+    matters; it costs ``R² D`` per image, next to nothing beside the scoring it serves.
+    """
+    with torch.autocast(regions.device.type, enabled=False):
+        v = regions.double()
         return torch.bmm(v, v.transpose(1, 2))
 
 
 def context_scale(regions: torch.Tensor, attn: torch.Tensor, eps: float = 1e-8,
-                  gram: torch.Tensor | None = None) -> torch.Tensor:
+                  gram: torch.Tensor | None = None, chunk_elems: int = 1 << 22) -> torch.Tensor:
     """``1 / (||Σ_r α_r v_r|| + eps)`` from the region Gram matrix, without forming the D-dim vectors.
 
-    ``||α V||² = α (V Vᵀ) αᵀ`` costs R² per (image, word) instead of a pass over D values.
-    ``attn [Ni, T, R]`` -> ``[Ni, T]``; pass `gram` (`region_gram`) to reuse it across caption groups.
+    ``||α V||² = α (V Vᵀ) αᵀ`` costs R² per (image, word) instead of a pass over D values. The form is
+    accumulated in float64: its terms are of the order of ``(Σ_r α_r ||v_r||)²`` while the result can be
+    far smaller (an attended context that is short because its regions point in opposite directions),
+    and in float32 that cancellation leaves an error of ~1e-7 absolute, i.e. a wrong norm whenever
+    ``||α V||`` is below ~1e-2. In float64 the error is ~1e-16 absolute, below float32's own rounding
+    of the vector. ``attn [Ni, T, R]`` -> ``[Ni, T]`` in ``attn``'s dtype; pass `gram` (`region_gram`)
+    to reuse it across caption groups. `chunk_elems` bounds the float64 temporaries (elements).
     """
-    gram = region_gram(regions) if gram is None else gram
-    a = attn if attn.dtype == gram.dtype else attn.to(gram.dtype)
-    with torch.autocast(a.device.type, enabled=False):
-        n2 = (torch.bmm(a, gram) * a).sum(-1).clamp(min=0)           # [Ni, T]
-    return (1.0 / (n2.sqrt() + eps)).to(attn.dtype)
+    gram = region_gram(regions) if gram is None else gram.double()
+    ni, t, r = attn.shape
+    step = max(1, chunk_elems // max(1, t * r))
+    parts = []
+    with torch.autocast(attn.device.type, enabled=False):
+        for i in range(0, ni, step):
+            a = attn[i:i + step].double()
+            n2 = (torch.bmm(a, gram[i:i + step]) * a).sum(-1).clamp(min=0)     # [n, T]
+            parts.append((1.0 / (n2.sqrt() + eps)).to(attn.dtype))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def attended_context(regions: torch.Tensor, attn: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -19,8 +19,10 @@ class RegionRelationGCN(nn.Module):
 
     For nodes ``H [N, C]``: ``A = fc1([θ|θ1|θ2|θ3](H))``, ``P = fc2([φ|φ1|φ2|φ3](H))``,
     ``Adj = A Pᵀ / N``, ``out = BN(W(Adj · g(H))) + H``. The 1x1 convolutions are kept as ``Conv1d``
-    modules (their weights are ``[out, in, 1]`` in the checkpoints) but applied as linear maps on a
-    node-major tensor. The BatchNorm starts at weight = bias = 0, so a fresh block is the identity.
+    modules (their weights are ``[out, in, 1]`` in the checkpoints) and applied as linear maps on a
+    node-major tensor, except ``W`` (conv + BatchNorm), which runs channel-first as upstream does so the
+    BatchNorm sees the same memory layout. The BatchNorm starts at weight = bias = 0, so a fresh block
+    is the identity.
     """
 
     def __init__(self, dim: int, inter_dim: int | None = None) -> None:
@@ -49,7 +51,7 @@ class RegionRelationGCN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [B, N, C]`` (node-major) -> ``[B, N, C]``."""
-        B, N, C = x.shape
+        N = x.shape[1]
         gv = F.linear(x, self.g.weight.squeeze(-1), self.g.bias)                     # [B, N, inter]
         a = F.linear(F.linear(x, *self._stacked((self.theta, self.theta1, self.theta2, self.theta3))),
                      self.fc1.weight, self.fc1.bias)
@@ -57,10 +59,11 @@ class RegionRelationGCN(nn.Module):
                      self.fc2.weight, self.fc2.bias)
         adj = torch.matmul(a, p.transpose(1, 2)) / N                                 # [B, N, N]
         y = torch.matmul(adj, gv)                                                    # [B, N, inter]
-        z = F.linear(y, self.W[0].weight.squeeze(-1), self.W[0].bias)
-        # BatchNorm1d over channels with statistics over all B*N nodes, as on the [B, C, N] layout
-        z = self.W[1](z.reshape(B * N, C)).view(B, N, C)
-        return z + x
+        # W = Conv1d + BatchNorm1d run on the contiguous channel-first [B, C, N] tensor, as upstream: the
+        # BN kernels accumulate the per-channel statistics (and their gradients) in a different order on
+        # a [B*N, C] reshape, which loses accuracy when a channel's mean is large against its std
+        z = self.W(y.transpose(1, 2).contiguous())                                  # [B, C, N]
+        return z.transpose(1, 2) + x
 
 
 class WordRelationAttention(nn.Module):

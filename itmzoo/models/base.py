@@ -56,6 +56,12 @@ class ITMModel(nn.Module):
     #   "naive":  sum the micro-batches' losses (what recipes with queues or per-micro-batch state use);
     #   "refuse": the loss depends on the whole batch and the method does not split it.
     accumulation: ClassVar[str] = "refuse"
+    # what one training epoch runs over: every caption once (with its image), or every image once with
+    # one of its captions drawn at random (ALBEF/BLIP-style recipes); train.epoch_over overrides it
+    train_epoch_over: ClassVar[str] = "captions"
+    # parameter-name globs that get no gradient by design (weights that are dead upstream too, kept so
+    # the authors' checkpoints load strictly); the generic model test allows exactly these
+    unused_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -137,6 +143,22 @@ class ITMModel(nn.Module):
         """Load pretrained backbone weights named by the config (build() calls it without a checkpoint)."""
 
     # -- persistence -----------------------------------------------------------------------------
+    def save_assets(self, directory: Path) -> dict[str, Any]:
+        """Copy what tokenising needs into `directory`; return the config fields that point at the copies.
+
+        The returned values are file names relative to `directory`; `itmzoo.load` turns them back into
+        paths, so a native checkpoint directory works wherever it is moved. The default handles a
+        ``vocab_path`` config field (a SCAN vocabulary json), checked by the tokenizer before it is copied.
+        """
+        import shutil
+
+        path = getattr(self.config, "vocab_path", None)
+        if not path:
+            return {}
+        self.tokenizer(["a"])  # reads the vocabulary and checks it against the model (size, checksum)
+        shutil.copyfile(path, Path(directory) / "vocab.json")
+        return {"vocab_path": "vocab.json"}
+
     def save_pretrained(self, directory: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into `directory`, atomically."""
         from ..checkpoints.native import save_pretrained

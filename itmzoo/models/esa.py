@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import random as _random
 import re
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -29,10 +30,11 @@ from torch import nn
 
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
+from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
 from ..data.vocab import Vocab, pad_ids, word_tokenize
-from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.backbones import load_pretrained_weights
+from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
 from ..encoders.regions import RegionFeatureEncoder, region_mask, xavier_linear_
 from ..losses import hinge_costs, l2norm
@@ -87,7 +89,9 @@ class ESAConfig(ModelConfig):
 class ESABiGRUConfig(ESAConfig):
     """ESA with the BiGRU text encoder (``ESA_BIGRU``)."""
 
-    vocab_size: int = 8482  # SCAN vocabulary + <mask>: 8481 + 1 (f30k), 11353 + 1 (coco)
+    # SCAN vocabulary + <mask>: 8481 + 1 (f30k), 11353 + 1 (coco); None: the words of vocab_path + 1, or
+    # 8482 (the f30k size) without a vocabulary. The built model's config always holds the number.
+    vocab_size: int | None = None
     word_dim: int = 300
     num_layers: int = 1
     vocab_path: str | None = None  # SCAN vocab json (without <mask>) for the tokenizer
@@ -96,7 +100,7 @@ class ESABiGRUConfig(ESAConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.vocab_size < 6:
+        if self.vocab_size is not None and self.vocab_size < 6:
             raise ConfigError(f"esa_bigru: vocab_size must count the 4 specials, the words and <mask>, got {self.vocab_size}")
 
 
@@ -320,6 +324,7 @@ class ESABertTokenizer(_AugmentingTokenizer):
 
     def __init__(self, hf_tokenizer: Any, hardnum: int = 2, aug_prob: float = 0.2) -> None:
         super().__init__(hardnum, aug_prob)
+        self.hf_tokenizer = hf_tokenizer
         self.splitter = WordPieceSplitter(hf_tokenizer)
         self.pad_id = self.splitter.pad_id
 
@@ -357,8 +362,13 @@ class ESA(ITMModel):
 
     input_kind = "regions"
     scoring = "embedding"
+    # created but never used upstream (kept so the released checkpoints load strictly): the second
+    # BatchNorm of the image MLP, and BERT's pooler (ESA pools the last hidden states itself)
+    unused_parameters = ("img_enc.mlp.bns.1.*", "txt_enc.bert.pooler.*")
 
     def __init__(self, config: ESAConfig) -> None:
+        if isinstance(config, ESABiGRUConfig) and config.vocab_size is None:
+            config = dataclasses.replace(config, vocab_size=_vocab_size_of(config.vocab_path))
         super().__init__(config)
         self.img_enc = ESAImageEncoder(config.img_dim, config.embed_size, config.no_imgnorm)
         if isinstance(config, ESABiGRUConfig):
@@ -401,6 +411,22 @@ class ESA(ITMModel):
             raise ValueError(f"{cfg.vocab_path}: {len(vocab) - 1} words + <mask> = {len(vocab)} ids, but the model's "
                              f"embedding has vocab_size={cfg.vocab_size} rows")
         return vocab
+
+    def save_assets(self, directory: Path) -> dict[str, Any]:
+        """BiGRU: the vocabulary in use (file or in memory) as ``vocab.json``; BERT: the tokenizer files in
+        ``tokenizer/`` when they are at hand (a local folder or one loaded already), else the hub name stays."""
+        cfg = self.config
+        if self.text_backbone == "bigru":
+            if self._tokenizer is None and not cfg.vocab_path:
+                return {}  # nothing to tokenise with yet: the directory says so by vocab_path = null
+            vocab = self.tokenizer.vocab  # checked against the model (size, checksum) when read from a file
+            words = {w: i for w, i in vocab.word2idx.items() if w != MASK_TOKEN}  # the json never holds <mask>
+            Vocab.from_word2idx(words).save(Path(directory) / "vocab.json")
+            return {"vocab_path": "vocab.json"}
+        if self._tokenizer is None and not Path(cfg.tokenizer).expanduser().is_dir():
+            return {}  # a hub name, not loaded: the exact name is in the config
+        self.tokenizer.hf_tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
+        return {"tokenizer": "tokenizer"}
 
     def set_tokenizer(self, tokenizer: _AugmentingTokenizer) -> None:
         """Use a ready tokenizer (e.g. a vocabulary built in memory) instead of the config's files."""
@@ -486,6 +512,13 @@ class ESA(ITMModel):
         return init_embedding_from_glove(self.txt_enc.embed.weight, word2idx, glove)
 
 
+def _vocab_size_of(vocab_path: str | None) -> int:
+    """Embedding rows for a SCAN vocabulary file: its ids + ``<mask>``; 8482 (f30k) without a file."""
+    if not vocab_path:
+        return 8482
+    return len(Vocab.load(vocab_path)) + 1
+
+
 # ------------------------------------------------------------------------------------ official checkpoints
 
 
@@ -498,8 +531,9 @@ def _unwrap_official(obj: Any) -> tuple[Mapping[str, torch.Tensor], Mapping[str,
                                   f"got keys {sorted(map(str, obj))[:8]}")
         obj = obj["model"]
     if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(isinstance(p, Mapping) for p in obj)):
-        raise CheckpointError("not an ESA checkpoint: 'model' must be the list [img_enc state_dict, txt_enc "
-                              f"state_dict], got {type(obj).__name__}")
+        got = f"a list of {len(obj)} parts" if isinstance(obj, (list, tuple)) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"not an ESA checkpoint: 'model' holds {got}; ESA files hold 2 state dicts "
+                              "[img_enc, txt_enc]")
     for part in obj:
         bad = [k for k, v in part.items() if not isinstance(v, torch.Tensor)]
         if bad:
@@ -606,15 +640,23 @@ TAGS_BERT: dict[str, Tag] = {
 }
 
 
-@register_model("esa_bigru", config=ESABiGRUConfig, tags=TAGS_BIGRU,
-                converter=functools.partial(convert_official, variant="bigru"))
+_PAPER = "ESA: External Space Attention Aggregation for Image-Text Retrieval (TCSVT 2023)"
+
+
+@register_model("esa_bigru", config=ESABiGRUConfig, input_kind="regions", scoring="embedding", paper=_PAPER,
+                upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", aliases=("esa",),
+                tags=TAGS_BIGRU, converter=functools.partial(convert_official, variant="bigru"),
+                tiny={"img_dim": 16, "embed_size": 8, "word_dim": 8, "vocab_path": SYNTHETIC_VOCAB})
 def esa_bigru(config: ESABiGRUConfig) -> ESA:
     """ESA with BUTD regions and a BiGRU text encoder (alias ``esa``)."""
     return ESA(config)
 
 
-@register_model("esa_bert", config=ESABertConfig, tags=TAGS_BERT,
-                converter=functools.partial(convert_official, variant="bert"))
+@register_model("esa_bert", config=ESABertConfig, input_kind="regions", scoring="embedding", paper=_PAPER,
+                upstream=UPSTREAM, text_backbone="bert-base-uncased", image_backbone="butd-regions",
+                tags=TAGS_BERT, converter=functools.partial(convert_official, variant="bert"),
+                tiny={"img_dim": 16, "embed_size": 8, "bert_config": {"hidden_size": 16, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 120}})
 def esa_bert(config: ESABertConfig) -> ESA:
     """ESA with BUTD regions and a BERT-base text encoder."""
     return ESA(config)

@@ -1,7 +1,7 @@
 """LHSC: Learning Hierarchical Semantic Correspondences (Zeng et al., ICMR 2022), built on SGRAF's SAF.
 
 Reimplements the authors' release ``lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7``
-(spec: shared/specs/lhsc.md) with the same module and parameter names, so an official checkpoint's three
+with the same module and parameter names, so an official checkpoint's three
 state dicts load with a plain prefix map (``img_enc.``, ``txt_enc.``, ``sim_enc.``).
 
 * image: ``fc`` -> 4 residual region-relation GCN blocks (``IM_GCN_k``) -> l2norm, regions ``[B, 36, D]``;
@@ -10,7 +10,7 @@ state dicts load with a plain prefix map (``img_enc.``, ``txt_enc.``, ``sim_enc.
   global from VisualSA/TextSA vectors), SAF attention filtration, ``sigmoid(Linear(256 -> 1))``;
 * loss: VSE++ hinge with hardest negatives, summed, diagonal positives.
 
-Text padding (spec P2): the upstream word-affinity blocks have no padding mask and divide by the padded
+Text padding: the upstream word-affinity blocks have no padding mask and divide by the padded
 length, so a caption's features depend on how far its batch is padded. ``text_padding="batch"`` keeps
 that (default; reproduces official numbers when captions are encoded in consecutive blocks of
 ``eval_text_batch_size`` = 100, as upstream's test loader does); ``"masked"`` makes every caption's
@@ -35,7 +35,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..checkpoints.safe import CheckpointError
 from ..config import ConfigError, ModelConfig
+from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
+from ..encoders.regions import xavier_linear_
+from ..features import sequence_mask
 from ..layers.cross_attention import context_scale, region_gram, t2i_attention_packed
 from ..layers.graph import RegionRelationGCN, WordRelationAttention
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
@@ -97,15 +100,6 @@ class LHSCConfig(ModelConfig):
                 raise ConfigError(f"lhsc: {f} must be in [0, 1), got {getattr(self, f)}")
 
 
-def _xavier_(lin: nn.Linear) -> None:
-    r = math.sqrt(6.0) / math.sqrt(lin.in_features + lin.out_features)
-    nn.init.uniform_(lin.weight, -r, r)
-    nn.init.zeros_(lin.bias)
-
-
-def _lengths_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-
 
 # ---------------------------------------------------------------------------------------------------
 # encoders
@@ -119,7 +113,7 @@ class EncoderImage(nn.Module):
         self.no_imgnorm = no_imgnorm
         self.gcn_layers = gcn_layers
         self.fc = nn.Linear(img_dim, embed_size)
-        _xavier_(self.fc)
+        xavier_linear_(self.fc)
         for k in range(1, gcn_layers + 1):
             self.add_module(f"IM_GCN_{k}", RegionRelationGCN(embed_size, embed_size))
 
@@ -153,7 +147,7 @@ class EncoderText(nn.Module):
         """``[B, T]`` ids (T = padded width) -> ``[B, max(lengths), embed]``, zero past each length."""
         lengths = lengths.clamp(min=1)
         x = self.dropout(self.embed(input_ids))
-        mask = _lengths_mask(lengths, input_ids.shape[1]) if masked else None
+        mask = sequence_mask(lengths, input_ids.shape[1]) if masked else None
         for k in range(1, self.attn_layers + 1):
             x = getattr(self, f"W_att{k}")(x, mask)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -178,7 +172,7 @@ class VisualSA(nn.Module):
         for seq in (self.embedding_local, self.embedding_global, self.embedding_common):
             for m in seq:
                 if isinstance(m, nn.Linear):
-                    _xavier_(m)
+                    xavier_linear_(m)
                 elif isinstance(m, nn.BatchNorm1d):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -200,7 +194,7 @@ class TextSA(nn.Module):
         self.embedding_global = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Dropout(dropout))
         self.embedding_common = nn.Sequential(nn.Linear(embed_dim, 1))
         for seq in (self.embedding_local, self.embedding_global, self.embedding_common):
-            _xavier_(seq[0])
+            xavier_linear_(seq[0])
 
     def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, L, D]`` words, ``[B, L]`` mask -> ``[B, D]`` (mean and softmax over real words only)."""
@@ -224,7 +218,7 @@ class SimilarityCalculation(nn.Module):
         super().__init__()
         self.attn_sim_w = nn.Linear(sim_dim, 1)
         self.bn = nn.BatchNorm1d(1)
-        _xavier_(self.attn_sim_w)
+        xavier_linear_(self.attn_sim_w)
         nn.init.ones_(self.bn.weight)
         nn.init.zeros_(self.bn.bias)
 
@@ -241,11 +235,11 @@ class EncoderSimilarity(nn.Module):
         self.sim_eval_w = nn.Linear(sim_dim, 1)
         self.cal_sim_base_atten = SimilarityCalculation(sim_dim)
         for lin in (self.sim_tranloc_w, self.sim_tranglo_w, self.sim_eval_w):
-            _xavier_(lin)
+            xavier_linear_(lin)
 
 
 # ---------------------------------------------------------------------------------------------------
-# SAF BatchNorm1d(1): eval = affine map with running stats; train = statistics per caption (spec P8)
+# SAF BatchNorm1d(1): eval = affine map with running stats; train = statistics per caption, as the reference loop
 
 
 def _saf_bn_eval(bn: nn.BatchNorm1d, e: torch.Tensor) -> torch.Tensor:
@@ -387,7 +381,7 @@ class LHSC(ITMModel):
         ids = batch["input_ids"]
         lengths = batch["lengths"].to(ids.device).long() if "lengths" in batch else batch["attention_mask"].sum(1)
         tokens = self.txt_enc(ids, lengths, masked=(mode == "masked"))
-        mask = _lengths_mask(lengths.clamp(min=1), tokens.shape[1])
+        mask = sequence_mask(lengths.clamp(min=1), tokens.shape[1])
         return {"tokens": tokens, "mask": mask, "global": self.sim_enc.t_global_w(tokens, mask)}
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -628,7 +622,7 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN f30k_precomp BUTD 36x2048", "vocab": "f30k_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
     "coco": Tag(
         overrides={"vocab_size": 11353, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]},
@@ -636,11 +630,16 @@ TAGS = {
         source="LHSC README: Google Drive file 1y8Ywa2vrPB7m_Q_Ku69z7EdwsLB9gsJW ('for MSCOCO and Flickr30K')",
         preprocessing={"features": "SCAN coco_precomp BUTD 36x2048", "vocab": "coco_precomp_vocab.json (SCAN)",
                        "text_padding": "batch", "eval_text_batch_size": 100},
-        note=f"origin {UPSTREAM}; paper numbers not available to this port (spec §8)",
+        note=f"origin {UPSTREAM}; the paper's result tables were not available to this port",
     ),
 }
 
 
-@register_model("lhsc", config=LHSCConfig, tags=TAGS, converter=convert_official)
+@register_model("lhsc", config=LHSCConfig, input_kind="regions", scoring="cross",
+                paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
+                upstream=UPSTREAM, text_backbone="bigru", image_backbone="butd-regions", tags=TAGS,
+                converter=convert_official,
+                tiny={"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4, "vocab_size": 74,
+                      "vocab_path": SYNTHETIC_VOCAB})
 def lhsc(config: LHSCConfig) -> LHSC:
     return LHSC(config)

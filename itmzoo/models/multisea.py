@@ -495,7 +495,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-@register_model("multisea", config=MultiSEAConfig, tags=TAGS, converter=convert_official)
+@register_model("multisea", config=MultiSEAConfig, input_kind="pixels", scoring="two-stage",
+                paper="Multi-SEA: Multi-stage Semantic Enhancement and Aggregation for image-text retrieval (IPM 2025)",
+                upstream=UPSTREAM, text_backbone="roberta-base", image_backbone="clip-vit-b16 (11 blocks)",
+                tags=TAGS, converter=convert_official, tiny=TINY_OVERRIDES["multisea"])
 def multisea(config: MultiSEAConfig) -> MultiSEA:
     """Multi-SEA with CLIP ViT-B/16 (11 blocks) and RoBERTa-base, two-stage scoring."""
     return MultiSEA(config)

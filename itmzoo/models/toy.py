@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ConfigError, ModelConfig
 from ..data.transforms import RegionTransform
 from ..data.vocab import pad_ids, word_tokenize
+from ..features import sequence_mask
 from ..losses import hinge_triplet_loss, l2norm
 from ..registry import register_model
 from .base import ITMModel
@@ -70,7 +71,7 @@ class ToyVSE(ITMModel):
         x, n = batch["regions"], batch["region_lengths"]
         if x.shape[-1] != self.config.img_dim:
             raise ValueError(f"toy_vse expects region features of dim {self.config.img_dim}, got {x.shape[-1]}")
-        mask = (torch.arange(x.shape[1], device=x.device)[None, :] < n[:, None]).to(x.dtype)
+        mask = sequence_mask(n, x.shape[1]).to(x.dtype)
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return l2norm(self.img_fc(pooled))
 
@@ -103,6 +104,9 @@ class ToyVSE(ITMModel):
         return {"loss": loss}
 
 
-@register_model("toy_vse", config=ToyVSEConfig)
+@register_model("toy_vse", config=ToyVSEConfig, input_kind="regions", scoring="embedding",
+                paper="itmzoo demo model (mean-pooled regions + bag of words)", text_backbone="bow",
+                image_backbone="regions", demo=True,
+                tiny={"img_dim": 16, "embed_size": 8, "hash_buckets": 64, "word_dim": 8})
 def toy_vse(config: ToyVSEConfig) -> ToyVSE:
     return ToyVSE(config)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoints.atomic import atomic_dir
-from ..checkpoints.native import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
+from ..checkpoints.native import WEIGHTS_FILE, save_pretrained
 from ..checkpoints.safe import CheckpointError, load_state_strict
 
 __all__ = ["STATE_FILE", "capture_rng", "find_checkpoint", "load_checkpoint", "restore_rng", "save_checkpoint"]
@@ -61,8 +61,8 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, state: dict[s
     with atomic_dir(directory) as tmp:
         # save_pretrained is itself atomic; write it into a scratch subfolder and lift its files up
         save_pretrained(model, tmp / "_model")
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            os.replace(tmp / "_model" / f, tmp / f)
+        for f in list((tmp / "_model").iterdir()):  # config, weights and the tokenizer's files
+            os.replace(f, tmp / f.name)
         shutil.rmtree(tmp / "_model")
         torch.save(state, tmp / STATE_FILE)
     return directory

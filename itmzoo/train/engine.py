@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.split import RetrievalSplit
-from ..features import cat_features
+from ..eval.similarity import autocast_context
+from ..features import cat_features, features_to
 from ..models.base import ACCUMULATION_POLICIES
 from .. import distributed as D
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -32,6 +34,9 @@ from .logs import JsonlLog, TensorBoardLog
 from .optim import LRSchedule, apply_freeze, build_optimizer
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit", "seed_everything"]
+
+# without a terminal, at most one progress line per this many seconds (at log_every steps)
+PROGRESS_LINE_SECONDS = 15.0
 
 # settings a resumed run may change without breaking the continuation
 RESUMABLE_CHANGES = {"epochs", "max_steps", "progress", "log_every", "tensorboard", "num_workers", "eval_every",
@@ -48,7 +53,7 @@ class TrainResult:
     steps: int
     epochs: int  # epochs completed
     best_metric: float | None
-    best_epoch: int | None
+    best_epoch: int | None  # counted from 1, as in every printed line, log record and file
     history: list[dict[str, Any]]  # the epoch records of log.jsonl
     last_dev: dict[str, Any] | None
 
@@ -77,10 +82,6 @@ class _StepModule(torch.nn.Module):
         return self.model(batch)
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _scalars(out: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float() for k, v in out.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
 
@@ -96,6 +97,13 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
         if isinstance(v, torch.Tensor):
             return v.shape[0]
     raise ValueError("empty batch")
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _fmt_metrics(m: Mapping[str, Any]) -> str:
@@ -168,9 +176,7 @@ class Trainer:
         return amp
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp])
+        return autocast_context(self.device, self.amp)
 
     # -- the run -------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -209,7 +215,7 @@ class Trainer:
 
         loader = make_train_loader(self.train_data, model, micro, seed=cfg.seed, rank=self.rank, world_size=self.world,
                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                   drop_last=cfg.drop_last)
+                                   drop_last=cfg.drop_last, epoch_over=cfg.epoch_over)
         sampler = loader.sampler
         A = cfg.accum_steps
         # without drop_last an incomplete last window still makes an optimizer step (Lightning's rule)
@@ -245,7 +251,7 @@ class Trainer:
                     "micro_batch": micro, "steps_per_epoch": self.steps_per_epoch, "trainable_params": n_train,
                     "model": model.registry_name or type(model).__name__, "time": time.time()}
             if resumed_from is not None:
-                self.log.write({"type": "resume", "from": str(resumed_from), "step": self.step, "epoch": self.epoch,
+                self.log.write({"type": "resume", "from": str(resumed_from), "step": self.step, "epoch": self.epoch + 1,
                                 "batch": self.batch_pos // cfg.accum_steps, **head})
             else:
                 self.log.write({"type": "start", "train_config": config_to_dict(cfg), **head})
@@ -322,14 +328,14 @@ class Trainer:
         D.barrier()
 
     def _stop_nonfinite(self, what: str, value: float, batch_in_epoch: int) -> None:
-        where = f"epoch {self.epoch}, batch {batch_in_epoch} of {self.steps_per_epoch} (optimizer step {self.step + 1})"
+        where = f"epoch {self.epoch + 1}, batch {batch_in_epoch} of {self.steps_per_epoch} (optimizer step {self.step + 1})"
         if self._last_ckpt is not None:
             keep = f"the last good checkpoint is {self._last_ckpt[0]} (after step {self._last_ckpt[1]})"
         elif self.out_dir is not None:
             keep = "no checkpoint was written before it"
         else:
             keep = "no output directory was given"
-        self.log.write({"type": "error", "error": f"non-finite {what}", "value": value, "epoch": self.epoch,
+        self.log.write({"type": "error", "error": f"non-finite {what}", "value": value, "epoch": self.epoch + 1,
                         "step": self.step + 1, "time": time.time()})
         raise NonFiniteLossError(f"non-finite {what} ({value}) at {where}; stopped before the optimizer step; {keep}")
 
@@ -450,8 +456,12 @@ class Trainer:
         cfg, model = self.cfg, self.model
         A = cfg.accum_steps
         step_fn = self._cached_step if self.accum_mode == "exact" else self._plain_step
+        show = self.main and cfg.progress
+        # a bar only on a terminal; in a log file (nohup, CI, a pipe) periodic plain lines instead
+        lines = show and self.verbose and not _is_terminal(sys.stderr)
         bar = tqdm(total=cfg.epochs * self.steps_per_epoch, initial=self.epoch * self.steps_per_epoch
-                   + self.batch_pos // A, disable=not (self.main and cfg.progress), unit="step", dynamic_ncols=True)
+                   + self.batch_pos // A, disable=not show or lines, unit="step", dynamic_ncols=True)
+        t_line = time.time()
         stop = cfg.max_steps is not None and self.step >= cfg.max_steps
         try:
             while self.epoch < cfg.epochs and not stop:
@@ -463,7 +473,7 @@ class Trainer:
                 micro: list[dict[str, Any]] = []
                 n_batches = len(loader)
                 for i_batch, batch in enumerate(loader):
-                    micro.append(_to_device(batch, self.device))
+                    micro.append(features_to(batch, self.device))
                     if len(micro) < A and i_batch + 1 < n_batches:
                         continue
                     b = self.batch_pos // A  # step index within the epoch
@@ -479,7 +489,7 @@ class Trainer:
                     self._epoch_loss[0] += loss
                     self._epoch_loss[1] += 1
                     n_last += n_items
-                    record = {"type": "step", "epoch": self.epoch, "step": self.step, "batch": b + 1,
+                    record = {"type": "step", "epoch": self.epoch + 1, "step": self.step, "batch": b + 1,
                               **{k: float(v) for k, v in vals.items()}, "lr": self.optimizer.param_groups[0]["lr"],
                               "grad_norm": norm}
                     bar.update(1)
@@ -493,6 +503,11 @@ class Trainer:
                                             self.step)
                         bar.set_postfix(loss=f"{loss:.4g}", lr=f"{record['lr']:.2e}",
                                         sps=f"{record['samples_per_s']:.0f}")
+                        if lines and now - t_line >= PROGRESS_LINE_SECONDS:
+                            t_line = now
+                            print(f"epoch {self.epoch + 1}/{cfg.epochs}  step {b + 1}/{self.steps_per_epoch}  "
+                                  f"loss {loss:.4g}  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s",
+                                  file=sys.stderr, flush=True)
                     for cb in self.callbacks:
                         fn = getattr(cb, "on_step_end", None)  # callbacks are user objects, not models
                         if fn is not None:
@@ -511,7 +526,7 @@ class Trainer:
     def _end_epoch(self, finished: bool, seconds: float) -> None:
         cfg = self.cfg
         last = (self.epoch + 1 >= cfg.epochs) or (cfg.max_steps is not None and self.step >= cfg.max_steps)
-        record: dict[str, Any] = {"type": "epoch", "epoch": self.epoch, "finished": finished, "step": self.step,
+        record: dict[str, Any] = {"type": "epoch", "epoch": self.epoch + 1, "finished": finished, "step": self.step,
                                   "train_loss": self._epoch_loss[0] / max(1, self._epoch_loss[1]),
                                   "seconds": seconds}
         if self.eval_data is not None and (last or (self.epoch + 1) % cfg.eval_every == 0):
@@ -520,10 +535,10 @@ class Trainer:
                 value = float(metrics[cfg.best_metric])
                 is_best = self.best is None or value > self.best
                 if is_best:
-                    self.best, self.best_epoch = value, self.epoch
+                    self.best, self.best_epoch = value, self.epoch + 1
                     if self.out_dir is not None:
                         self.model.save_pretrained(self.out_dir / "best", extra={
-                            "epoch": self.epoch, "step": self.step, cfg.best_metric: value,
+                            "epoch": self.epoch + 1, "step": self.step, cfg.best_metric: value,
                             "dev": {k: v for k, v in metrics.items() if k != "folds"}})
                 record.update(dev=metrics, best=is_best)
                 self.last_dev = metrics

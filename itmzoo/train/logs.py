@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..jsonfmt import round_floats
+
 __all__ = ["JsonlLog", "TensorBoardLog"]
 
 
@@ -34,7 +36,7 @@ class JsonlLog:
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(_clean(dict(record))) + "\n")
+            self._f.write(json.dumps(_clean(round_floats(dict(record)))) + "\n")
             self._f.flush()
 
     def size(self) -> int:
