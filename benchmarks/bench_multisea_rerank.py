@@ -112,7 +112,8 @@ def main() -> None:
                 out.append(head(h)[:, 1] + s[q, cand])
             else:
                 cand = s[:, q].topk(args.k).indices
-                h = model_call(et[q:q + 1].expand(args.k, -1, -1), mt[q:q + 1].expand(args.k, -1), ei[cand], None, "t2i")
+                h = model_call(et[q:q + 1].expand(args.k, -1, -1), mt[q:q + 1].expand(args.k, -1), ei[cand], None,
+                               "t2i")
                 out.append(head(h)[:, 1] + s[cand, q])
         return torch.cat(out)
 
@@ -141,7 +142,8 @@ def main() -> None:
 
     if args.tf32:
         torch.set_float32_matmul_precision("high")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else torch.autocast(device.type, enabled=False)
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+           else torch.autocast(device.type, enabled=False))
     with torch.no_grad():
         for direction in ("i2t", "t2i"):
             pairs = args.queries * args.k
@@ -157,8 +159,9 @@ def main() -> None:
             report["directions"][direction] = rec
             print(f"{direction}: {rec['reference']} {1e3 * rec['reference_cpu_s_per_pair']:.1f} CPU-ms/pair "
                   f"({1e3 * rec['reference_wall_s_per_pair']:.1f} ms wall), itmzoo "
-                  f"{1e3 * rec['itmzoo_cpu_s_per_pair']:.1f} CPU-ms/pair ({1e3 * rec['itmzoo_wall_s_per_pair']:.1f} ms wall): "
-                  f"x{rec['cpu_speedup']:.2f} CPU, x{rec['wall_speedup']:.2f} wall, max |score diff| {rec['max_abs_score_diff']:.2e}",
+                  f"{1e3 * rec['itmzoo_cpu_s_per_pair']:.1f} CPU-ms/pair "
+                  f"({1e3 * rec['itmzoo_wall_s_per_pair']:.1f} ms wall): x{rec['cpu_speedup']:.2f} CPU, "
+                  f"x{rec['wall_speedup']:.2f} wall, max |score diff| {rec['max_abs_score_diff']:.2e}",
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

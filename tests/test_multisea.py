@@ -103,7 +103,8 @@ def test_agent_former_matches_upstream(case: str, mode: str) -> None:
     for i, h in enumerate(out.hidden_states[1:]):
         close(h, AF[p + f"{mode}/hidden"][i], f"{case}/{mode} layer {i + 1}", scale)
     close(out.pooler_output, AF[p + f"{mode}/pooled"], f"{case}/{mode} pooled", scale)
-    loss = (out.last_hidden_state * t(AF[p + f"{mode}/w_last"])).sum() + (out.pooler_output * t(AF[p + f"{mode}/w_pooled"])).sum()
+    loss = ((out.last_hidden_state * t(AF[p + f"{mode}/w_last"])).sum()
+            + (out.pooler_output * t(AF[p + f"{mode}/w_pooled"])).sum())
     loss.backward()
     close(x.grad, AF[p + f"{mode}/grad_x"], f"{case}/{mode} grad input", scale)
     if ctx is not None:
@@ -388,8 +389,9 @@ def test_build_reads_a_lightning_checkpoint_through_the_safe_loader(tmp_path) ->
             "callbacks": {"ModelCheckpoint{'monitor': 'val/the_metric', 'mode': 'max', 'every_n_train_steps': 0, "
                           "'every_n_epochs': 1, 'train_time_interval': None}": {"best_model_score": torch.tensor(1.0),
                                                                                 "best_model_path": "x.ckpt"}},
-            "optimizer_states": [{"state": {}, "param_groups": [{"name": "temp", "initial_lr": 5e-4, "betas": (0.9, 0.98),
-                                                                 "weight_decay": 0.05, "eps": 1e-8, "params": [0]}]}],
+            "optimizer_states": [{"state": {}, "param_groups": [
+                {"name": "temp", "initial_lr": 5e-4, "betas": (0.9, 0.98), "weight_decay": 0.05, "eps": 1e-8,
+                 "params": [0]}]}],
             "lr_schedulers": [{"base_lrs": [5e-4], "last_epoch": 600, "lr_lambdas": [None]}],
             "hparams_name": "kwargs", "hyper_parameters": {"config": cfg, "num_device": 1, "cur_alpha": 0.4}}
     path = tmp_path / "step600-val_score490.0000.ckpt"
@@ -423,7 +425,8 @@ def test_tiny_model_learns_synthetic_pictures_through_the_trainer() -> None:
     opts = {"progress": False, "batch_size": 40}
     before = evaluate(model, train, "full", **opts)
     cfg = {"epochs": 10, "batch_size": 16, "accum_steps": 2, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.05,
-           "schedule": "constant", "grad_clip": 1.0, "progress": False, "log_every": 1, "seed": 0}
+           "schedule": "constant", "grad_clip": 1.0, "progress": False, "log_every": 1, "seed": 0,
+           "epoch_over": "captions"}  # 40 pairs per epoch (the model's default, images, would give 8)
     result = fit(model, train, cfg)
     after = evaluate(model, train, "full", **opts)
     losses = [h["train_loss"] for h in result.history]
@@ -431,3 +434,25 @@ def test_tiny_model_learns_synthetic_pictures_through_the_trainer() -> None:
     first = before["two_stage"]["first_stage"]["rsum"], after["two_stage"]["first_stage"]["rsum"]
     assert first[1] > first[0] + 30, first
     assert after["two_stage"]["k_i2t"] == 4 and result.steps == 20
+
+
+def test_clip_pretrained_keeps_the_first_blocks_and_the_text_embeddings(tmp_path) -> None:
+    """A full CLIP file (3 blocks, proj, text tower) fills the 2-block token tower; the rest is left out."""
+    from safetensors.torch import save_file
+
+    from itmzoo.encoders.clip import CLIP, CLIPConfig
+
+    model = tiny()
+    c = model.config
+    torch.manual_seed(5)
+    full = CLIP(CLIPConfig(embed_dim=8, image_size=c.image_size, patch_size=c.patch_size,
+                           vision_width=c.vision_width, vision_layers=c.vision_layers, vision_heads=c.vision_heads,
+                           context_length=c.clip_context_length, vocab_size=c.clip_text_vocab,
+                           text_width=c.clip_text_width, text_layers=1, text_heads=1))
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    dropped = model.load_clip_weights(str(tmp_path / "clip.safetensors"))
+    assert "visual.proj" in dropped and any(k.startswith("visual.transformer.resblocks.2.") for k in dropped)
+    assert any(k.startswith("transformer.resblocks.0.") for k in dropped)  # the text transformer
+    own = model.visual_encoder.state_dict()
+    assert set(own) <= set(full.state_dict())
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in own.items())

@@ -210,7 +210,8 @@ class AgentFormerExpert(nn.Module):
         self.ffn = DualGateFFN(dim, inner, dropout, eps, activation)
 
     def forward(self, x: torch.Tensor, mask_add: torch.Tensor | None,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, kv_mask_add: torch.Tensor | None = None) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_mask_add: torch.Tensor | None = None) -> torch.Tensor:
         x = self.self_attn(x, mask_add)
         if kv is not None:
             x = self.cross_attn(x, mask_add, kv, kv_mask_add)
