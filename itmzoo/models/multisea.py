@@ -79,7 +79,7 @@ class MultiSEAConfig(ModelConfig):
     clip_text_width: int = 512
     clip_context_length: int = 77
     clip_attention: Literal["sdpa", "eager"] = "sdpa"
-    clip_pretrained: str | None = None  # a local transformers CLIPModel folder or hub id (OpenAI ViT-B/16)
+    clip_pretrained: str | None = None  # OpenAI's ViT-B-16.pt, an open_clip/timm file or a transformers CLIP folder
     # text tower: RoBERTa with pooler
     text_arch: str = "roberta-base"
     text_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -106,7 +106,8 @@ class MultiSEAConfig(ModelConfig):
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"multisea: hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"multisea: hidden_size {self.hidden_size} must be divisible by "
+                              f"num_heads {self.num_heads}")
         if not 0 < self.vision_blocks <= self.vision_layers:
             raise ConfigError(f"multisea: vision_blocks must lie in 1..{self.vision_layers}, got {self.vision_blocks}")
         if not self.itm_layers or any(not 1 <= i <= self.num_layers for i in self.itm_layers):
@@ -134,11 +135,12 @@ class Pooler(nn.Module):
 
 
 class MultiSEA(ITMModel):
-    """Multi-SEA (see the module docstring). Features: image ``{"feat", "embeds"}``, text ``{"feat", "embeds", "mask"}``."""
+    """Multi-SEA (module docstring). Features: image ``{"feat", "embeds"}``, text ``{"feat", "embeds", "mask"}``."""
 
     input_kind = "pixels"
     scoring = "two-stage"
     accumulation = "naive"  # queues and hard negatives are per micro-batch, as upstream
+    train_epoch_over = "images"  # an epoch visits every image once with one random caption
 
     def __init__(self, config: MultiSEAConfig) -> None:
         config.validate()
@@ -201,26 +203,22 @@ class MultiSEA(ITMModel):
         return image_transform("clip", self.config.image_size, train=train)
 
     def init_pretrained(self) -> None:
-        """Load RoBERTa (`text_pretrained`) and CLIP (`clip_pretrained`, a transformers CLIPModel) if named."""
+        """Load RoBERTa (`text_pretrained`) and CLIP (`clip_pretrained`) weights when the config names them."""
         c = self.config
-        if c.text_pretrained:
-            load_pretrained_weights(self.text_encoder, c.text_pretrained)
+        if c.text_pretrained:  # roberta-base's hub file has no pooler: it keeps HF's init, as upstream
+            load_pretrained_weights(self.text_encoder, c.text_pretrained, allow_missing=("pooler.*",))
         if c.clip_pretrained:
             self.load_clip_weights(c.clip_pretrained)
 
-    def load_clip_weights(self, source: str) -> None:
-        """Fill the CLIP tower from a transformers ``CLIPModel`` (blocks past `vision_blocks` are dropped)."""
-        from transformers import CLIPModel
+    def load_clip_weights(self, source: str) -> list[str]:
+        """Fill the CLIP tower from OpenAI's ``ViT-B-16.pt`` (read as data), an open_clip/timm file or an HF folder.
 
-        from ..encoders.clip import openai_state_from_hf
+        Blocks past `vision_blocks`, ``visual.proj`` and the text transformer are left out (upstream's
+        "keep only keys that exist" filter); they are returned. Every kept key must match strictly.
+        """
+        from ..encoders.clip import load_clip_pretrained
 
-        state = openai_state_from_hf(CLIPModel.from_pretrained(source).state_dict())
-        own = self.visual_encoder.state_dict()
-        kept = {k: v for k, v in state.items() if k in own}  # upstream's "keep only keys that exist" filter
-        missing = sorted(set(own) - set(kept))
-        if missing:
-            raise CheckpointError(f"{source}: CLIP weights lack {missing[:6]}")
-        self.visual_encoder.load_state_dict(kept)
+        return load_clip_pretrained(self.visual_encoder, source)
 
     # -- precision -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -270,7 +268,8 @@ class MultiSEA(ITMModel):
             return self.text_heads(out.last_hidden_state, out.pooler_output, mask)
 
     # -- scoring -------------------------------------------------------------------------------
-    def similarity(self, image_feats: Mapping[str, torch.Tensor], text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def similarity(self, image_feats: Mapping[str, torch.Tensor],
+                   text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """First stage: ``f_i f_tᵀ / temp`` (temp as stored, never clamped here)."""
         with self._precision():
             return image_feats["feat"] @ text_feats["feat"].t() / self.temp
@@ -315,7 +314,8 @@ class MultiSEA(ITMModel):
             self._neg_generators[key] = torch.Generator(device).manual_seed(self.config.seed + 1 + 7919 * get_rank())
         return self._neg_generators[key]
 
-    def sample_negatives(self, weights_t2i: torch.Tensor, weights_i2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_negatives(self, weights_t2i: torch.Tensor,
+                         weights_i2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One negative image per caption and one negative caption per image (indices into the gathered batch)."""
         g = self._generator(weights_t2i.device)
         return sample_hard_negatives(weights_t2i, g), sample_hard_negatives(weights_i2t, g)
@@ -438,7 +438,8 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         hp = hparams.get("config", {}) if isinstance(hparams, Mapping) else {}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("not a Multi-SEA checkpoint: expected a Lightning .ckpt with 'state_dict' or a state dict")
+        raise CheckpointError("not a Multi-SEA checkpoint: expected a Lightning .ckpt with 'state_dict' "
+                              "or a state dict")
     sd = strip_prefixes(obj)
     need = ("vision_proj_f.weight", "visual_encoder.visual.conv1.weight", "image_queue", "itm_head.weight")
     lacking = [k for k in need if k not in sd]
@@ -446,7 +447,8 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         raise CheckpointError(f"not a Multi-SEA checkpoint: no {lacking} (keys start {sorted(sd)[:5]})")
     hidden, vision_width = (int(x) for x in sd["vision_proj_f.weight"].shape)
     conv = sd["visual_encoder.visual.conv1.weight"]
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"visual_encoder\.visual\.transformer\.resblocks\.(\d+)\.", k))}
+    block_key = re.compile(r"visual_encoder\.visual\.transformer\.resblocks\.(\d+)\.")
+    blocks = {int(m.group(1)) for k in sd if (m := block_key.match(k))}
     layers = {int(m.group(1)) for k in sd if (m := _AFORMER_LAYER.match(k))}
     grid = round((sd["visual_encoder.visual.positional_embedding"].shape[0] - 1) ** 0.5)
     overrides: dict[str, Any] = {
