@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["contrastive_loss", "hinge_costs", "hinge_triplet_loss", "l1norm", "l2norm", "positive_mask"]
+__all__ = ["contrastive_loss", "hierarchical_itm_loss", "hinge_costs", "hinge_triplet_loss", "l1norm", "l2norm",
+           "positive_mask", "queue_itc_loss", "sample_hard_negatives"]
 
 
 def l2norm(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
@@ -60,3 +61,41 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     logits = logit_scale * image_emb @ text_emb.t()
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def queue_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor, image_queue: torch.Tensor,
+                   text_queue: torch.Tensor, idx_queue: torch.Tensor, temp: torch.Tensor | float) -> torch.Tensor:
+    """ITC against the in-batch keys plus a feature queue, with soft multi-positive targets (ALBEF/BLIP style).
+
+    ``image_feat``/``text_feat [B, D]`` (not normalised here), ``idx [B, 1]`` image ids, queues ``[D, Q]``
+    and ``idx_queue [1, Q]``. Keys are the *detached* batch features followed by the queue, so the
+    gradient reaches the image features only through i2t, the text features only through t2i, and
+    `temp` through both. Targets: ``1[idx == key id]`` normalised per row. Returns ``(L_i2t + L_t2i) / 2``.
+    """
+    idx = idx.view(-1, 1)
+    pos = (idx == torch.cat([idx.t(), idx_queue], dim=1)).float()
+    targets = pos / pos.sum(1, keepdim=True)
+    text_keys = torch.cat([text_feat.detach().t(), text_queue.detach()], dim=1)
+    image_keys = torch.cat([image_feat.detach().t(), image_queue.detach()], dim=1)
+    loss_i2t = -(F.log_softmax(image_feat @ text_keys / temp, dim=1) * targets).sum(1).mean()
+    loss_t2i = -(F.log_softmax(text_feat @ image_keys / temp, dim=1) * targets).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def sample_hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row drawn with probability proportional to ``weights [B, N]`` (positives zeroed).
+
+    A row without any non-zero weight (every candidate shares the anchor's image) has no negative:
+    that is an error, not a silent positive.
+    """
+    empty = weights.sum(1) <= 0
+    if bool(empty.any()):
+        raise ValueError(f"hard-negative sampling: rows {empty.nonzero().flatten().tolist()[:8]} have no candidate "
+                         "with another image id; batches need at least two distinct images (use drop_last)")
+    return torch.multinomial(weights, 1, generator=generator).view(-1)
+
+
+def hierarchical_itm_loss(cls_states: list[torch.Tensor], head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of one shared ITM `head` over the ``[CLS]`` states of several layers, equally weighted."""
+    logits = head(torch.cat(cls_states))
+    return F.cross_entropy(logits, labels.repeat(len(cls_states)))
