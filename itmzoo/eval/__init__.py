@@ -4,8 +4,7 @@ Evaluating a model imports nothing of `itmzoo.train`.
 """
 
 from .options import EvalOptions, eval_options
-from .protocols import (PROTOCOLS, ensemble_similarity, evaluate, evaluate_ensemble, metrics_from_sims,
-                        protocol_folds)
+from .protocols import PROTOCOLS, ensemble_similarity, evaluate, evaluate_ensemble, metrics_from_sims, protocol_folds
 from .recall import METRIC_KEYS, DirectionalScores, rank_metrics, recall_metrics, retrieval_ranks
 from .report import chance_metrics, format_metrics
 from .similarity import encode_split, similarity_matrix

@@ -13,10 +13,37 @@ from typing import Any, Literal, Mapping, Optional
 
 from ..config import ConfigError, ModelConfig, apply_overrides, config_from_dict
 
-__all__ = ["DEFAULT_BLOCK", "EvalOptions", "ResolvedSettings", "eval_options", "resolve_settings"]
+__all__ = ["DEFAULT_BLOCK", "PROTOCOLS", "EvalOptions", "Protocol", "ResolvedSettings", "eval_options", "get_protocol",
+           "resolve_settings"]
 
 DEFAULT_BLOCK = (256, 1024)
 DEFAULT_RERANK_K = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    name: str
+    n_folds: int
+    n_images: int | None  # required split size, None = any
+    description: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in [
+        Protocol("f30k-1k", 1, 1000, "Flickr30K test, 1,000 images, one pass"),
+        Protocol("coco-5k", 1, 5000, "COCO Karpathy test (testall), 5,000 images, one pass"),
+        Protocol("coco-1k-5fold", 5, 5000, "COCO testall, mean over 5 contiguous folds of 1,000 images"),
+        Protocol("5fold", 5, None, "mean over 5 contiguous folds of equal size"),
+        Protocol("full", 1, None, "the whole split, one pass"),
+    ]
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[name]
 
 
 @dataclasses.dataclass
@@ -42,8 +69,6 @@ class EvalOptions(ModelConfig):
     return_sims: bool = False  # add the score matrices to the result (rank 0)
 
     def validate(self) -> None:
-        from .protocols import PROTOCOLS
-
         for f in ("protocol", "dev_protocol"):
             v = getattr(self, f)
             if v is not None and v not in PROTOCOLS:

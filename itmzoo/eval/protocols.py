@@ -19,37 +19,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .options import EvalOptions, ResolvedSettings, eval_options, resolve_settings
+from .options import PROTOCOLS, EvalOptions, Protocol, ResolvedSettings, eval_options, get_protocol, resolve_settings
 from .recall import METRIC_KEYS, DirectionalScores, TieMode, recall_metrics
 
 __all__ = ["PROTOCOLS", "Protocol", "ensemble_similarity", "evaluate", "evaluate_ensemble", "metrics_from_sims",
            "protocol_folds"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    name: str
-    n_folds: int
-    n_images: int | None  # required split size, None = any
-    description: str
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in [
-        Protocol("f30k-1k", 1, 1000, "Flickr30K test, 1,000 images, one pass"),
-        Protocol("coco-5k", 1, 5000, "COCO Karpathy test (testall), 5,000 images, one pass"),
-        Protocol("coco-1k-5fold", 5, 5000, "COCO testall, mean over 5 contiguous folds of 1,000 images"),
-        Protocol("5fold", 5, None, "mean over 5 contiguous folds of equal size"),
-        Protocol("full", 1, None, "the whole split, one pass"),
-    ]
-}
-
-
-def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(PROTOCOLS)}")
-    return PROTOCOLS[name]
 
 
 def protocol_folds(protocol: str, caption_to_image: np.ndarray, n_images: int) -> list[tuple[slice, np.ndarray]]:

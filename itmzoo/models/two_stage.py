@@ -223,7 +223,7 @@ class TwoStage(ITMModel):
             if ckpt is None:
                 getattr(self, part).init_pretrained()
                 continue
-            from ..api import build  # the registry-level builder; lazily, as it reads checkpoint files
+            from ..checkpoints.build import build  # lazily: it reads checkpoint files
 
             name = getattr(self.config, part)
             loaded = build(name, checkpoint=ckpt, **getattr(self.config, f"{part}_config"))
