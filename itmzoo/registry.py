@@ -119,6 +119,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="LHSC: Learning Hierarchical Semantic Correspondences (ICMR 2022, on SGRAF)",
            upstream="lDarryll/LHSC @ 1aa2753b88c99eb7900c12402f4087bc5c709bd7",
            text_backbone="bigru", image_backbone="butd-regions"),
+        _b("esl", "itmzoo.models.esl:esl", input_kind="regions", scoring="cross",
+           paper="ESL: Enhanced Semantic Similarity Learning Framework for Image-Text Matching (TCSVT 2023)",
+           upstream="CrossmodalGroup/ESL @ b91e287b238fcf6dd7dc784c04e7bf1ac53404ae",
+           text_backbone="bert-base-uncased", image_backbone="butd-regions"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}
