@@ -14,6 +14,7 @@ __all__ = [
     "CaptionDataset",
     "ImageCollate",
     "ImageDataset",
+    "ImagePairDataset",
     "PairCollate",
     "PairDataset",
     "TextCollate",
@@ -97,6 +98,35 @@ class PairDataset(Dataset):
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str, int]:
         i = int(self.split.caption_to_image[j])
+        return self.transform(_load(self.split, i)), self.split.captions[j], i
+
+
+class ImagePairDataset(Dataset):
+    """One item per image: (transformed image, one of its captions drawn at random, image index).
+
+    An epoch over images, as ALBEF/BLIP-style recipes (Multi-SEA) train: every image once per epoch
+    with one random caption. The caption is drawn with torch's global generator at load time; the
+    training loader seeds that generator per batch from ``(seed, epoch, batch, rank)``, so the draw
+    is reproducible, differs between epochs, and does not depend on the worker that loads it.
+    """
+
+    def __init__(self, split: RetrievalSplit, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.split, self.transform = split, transform
+        order = np.argsort(split.caption_to_image, kind="stable")
+        counts = np.bincount(split.caption_to_image, minlength=split.num_images)
+        self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self._counts, self._order = counts, order
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def caption_indices(self, i: int) -> np.ndarray:
+        """Indices (into the split's captions) of image `i`'s captions, in split order."""
+        return self._order[self._starts[i]:self._starts[i] + self._counts[i]]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
+        caps = self.caption_indices(i)
+        j = int(caps[int(torch.randint(len(caps), ()))]) if len(caps) > 1 else int(caps[0])
         return self.transform(_load(self.split, i)), self.split.captions[j], i
 
 

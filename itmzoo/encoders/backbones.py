@@ -1,16 +1,24 @@
 """Architectures of the pretrained backbones the methods use, described offline.
 
 `build(name)` must never need the network, so the architecture of each backbone is written down here
-(the values of the hub configs), and pretrained weights are loaded only when a config names a hub id
-or a local folder. Tests build the same classes from tiny overrides.
+(the values of the hub configs), and pretrained weights are loaded only when a config names a local
+folder (or a hub id already in the local cache). Tests build the same classes from tiny overrides.
+Loading is strict: every missing or unexpected key is named (`load_pretrained_weights`), and weight
+files are read as data only (`read_state_file`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-__all__ = ["ARCHITECTURES", "BackboneError", "hf_config", "load_pretrained_weights"]
+import torch
+
+__all__ = ["ARCHITECTURES", "TASK_HEADS", "BackboneError", "LoadReport", "hf_config", "load_pretrained_weights",
+           "read_state_file"]
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "bert-base-uncased": {
@@ -62,20 +70,110 @@ def hf_config(name: str, overrides: Mapping[str, Any] | None = None):
     return cls(**spec)
 
 
-def load_pretrained_weights(model, source: str) -> None:
-    """Fill an HF `model` in place from a hub id or local folder; a clear error when unreachable."""
+#: pretraining heads of the BERT / RoBERTa hub checkpoints, which AutoModel drops by design
+TASK_HEADS = ("cls.*", "lm_head.*")
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a strict pretrained load left out, by name: dropped heads and keys the file did not have."""
+
+    source: str
+    unexpected_dropped: list[str]
+    missing_initialised: list[str]
+
+
+def _match_any(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def load_pretrained_weights(model, source: str, *, allow_missing: Sequence[str] = (),
+                            allow_unexpected: Sequence[str] = TASK_HEADS) -> LoadReport:
+    """Fill an HF `model` in place from a local folder (or a hub id already in the local cache), strictly.
+
+    transformers reads the folder (safetensors preferred, its own key renames applied, e.g. the
+    transformers-4 ViT names), then every parameter of `model` must come from the file with the same
+    shape. Keys of the file that the model lacks are an error unless they match `allow_unexpected`
+    (default: the pretraining heads ``cls.*`` / ``lm_head.*``); keys the file lacks are an error unless
+    they match `allow_missing` (e.g. ``pooler.*`` for roberta-base, whose hub file has no pooler: those
+    keep transformers' initialisation, normal std 0.02, as upstream). Returns what was left out.
+    """
     from transformers import AutoModel
 
+    from ..checkpoints.safe import CheckpointError, load_state_strict
+
     local = Path(source).expanduser()
+    if not local.exists() and (local.is_absolute() or source.startswith((".", "~")) or "\\" in source
+                                or source.count("/") > 1):
+        raise BackboneError(f"pretrained weights not found: {source} (no such folder)")
     kwargs = {"local_files_only": True} if local.exists() else {}
     try:
-        pretrained = AutoModel.from_pretrained(str(local) if local.exists() else source, **kwargs)
+        pretrained, info = AutoModel.from_pretrained(str(local) if local.exists() else source,
+                                                     output_loading_info=True, **kwargs)
     except OSError as e:
         raise BackboneError(
             f"cannot load pretrained weights from {source!r}: not a local folder and the hub is unreachable "
             f"or the id is unknown ({e.__class__.__name__}). Download the model once and pass its folder."
         ) from e
-    missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
-    real_missing = [k for k in missing if not k.endswith("position_ids")]
-    if real_missing:
-        raise BackboneError(f"{source!r} does not fit the configured architecture; missing {real_missing[:8]}")
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.endswith("position_ids"))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    bad_missing = [k for k in missing if not _match_any(k, allow_missing)]
+    bad_unexpected = [k for k in unexpected if not _match_any(k, allow_unexpected)]
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    if bad_missing or bad_unexpected or mismatched or info.get("error_msgs"):
+        raise BackboneError(f"{source!r} does not fit {type(pretrained).__name__}: missing {bad_missing}, "
+                            f"unexpected {bad_unexpected}, shape mismatches {mismatched} {info.get('error_msgs') or ''}".rstrip())
+    try:
+        load_state_strict(model, pretrained.state_dict(), ignorable=("*position_ids",), source=repr(source),
+                          hint="the folder holds a different architecture than the configured one")
+    except CheckpointError as e:
+        raise BackboneError(str(e)) from None
+    return LoadReport(str(source), unexpected, missing)
+
+
+def read_state_file(source: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file or folder, read as data only (nothing in the file is executed).
+
+    * a folder: ``model.safetensors`` (or its sharded index), ``open_clip_model.safetensors``, then
+      ``pytorch_model.bin`` / ``open_clip_pytorch_model.bin``;
+    * ``*.safetensors``: safetensors;
+    * a TorchScript archive (OpenAI's ``ViT-B-16.pt``): `itmzoo.checkpoints.torchscript`;
+    * any other file: ``torch.load(weights_only=True)``; a ``state_dict`` / ``model`` entry is unwrapped.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..checkpoints.safe import CheckpointError, read_pickled_checkpoint
+    from ..checkpoints.torchscript import is_torchscript_archive, read_torchscript_state
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in ("model.safetensors", "model.safetensors.index.json", "open_clip_model.safetensors",
+                     "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise BackboneError(f"{source}: no weights file in the folder (looked for model.safetensors, "
+                                "open_clip_model.safetensors, pytorch_model.bin, open_clip_pytorch_model.bin)")
+    if not path.is_file():
+        raise BackboneError(f"pretrained weights not found: {source}")
+    try:
+        if path.name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in load_file(str(path.parent / shard)).items()}
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if is_torchscript_archive(path):
+            return read_torchscript_state(path)
+        obj = read_pickled_checkpoint(path, allowed_globals=())
+    except CheckpointError as e:
+        raise BackboneError(str(e)) from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # a corrupt or foreign file
+        raise BackboneError(f"{source}: cannot read weights ({e.__class__.__name__}: {e})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"{source}: not a state dict of tensors")
+    return dict(obj)

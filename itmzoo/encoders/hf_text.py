@@ -22,17 +22,22 @@ class HFTextError(RuntimeError):
     """A text backbone or tokenizer cannot be built or loaded."""
 
 
-def build_hf_text_model(arch: str = "bert-base-uncased", overrides: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def build_hf_text_model(arch: str = "bert-base-uncased", overrides: Mapping[str, Any] | None = None,
+                        attention: str | None = None) -> torch.nn.Module:
     """A randomly initialised transformers text model (with pooler, as ``AutoModel``), offline.
 
-    `arch` names an architecture of `itmzoo.encoders.backbones.ARCHITECTURES`; `overrides` change its
-    fields (tests use tiny sizes). Pretrained weights: `backbones.load_pretrained_weights`.
+    `arch` names an architecture of `itmzoo.encoders.backbones.ARCHITECTURES` (``bert-base-uncased``,
+    ``roberta-base`` for Multi-SEA); `overrides` change its fields (tests use tiny sizes). `attention`:
+    ``"sdpa"`` (transformers' default, ``F.scaled_dot_product_attention``) or ``"eager"``. Pretrained
+    weights: `backbones.load_pretrained_weights` (roberta-base's hub file has no pooler: pass
+    ``allow_missing=("pooler.*",)``).
     """
     from transformers import AutoModel
 
     from .backbones import hf_config
 
-    return AutoModel.from_config(hf_config(arch, overrides))
+    kwargs = {"attn_implementation": attention} if attention else {}
+    return AutoModel.from_config(hf_config(arch, overrides), **kwargs)
 
 
 def load_hf_tokenizer(source: str) -> Any:

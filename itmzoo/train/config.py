@@ -25,7 +25,7 @@ class TrainConfig(ModelConfig):
     # Lightning does) instead of dropping it; several upstream recipes train on it
     drop_last: bool = True
     # optimiser
-    optimizer: Literal["adam", "adamw"] = "adam"
+    optimizer: Literal["adam", "adamw", "hf_adamw"] = "adam"  # hf_adamw: transformers' old AdamW (ESL-CLIP)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -34,11 +34,17 @@ class TrainConfig(ModelConfig):
     no_weight_decay: list[str] = dataclasses.field(default_factory=list)  # param-name globs without decay
     freeze: list[str] = dataclasses.field(default_factory=list)  # param-name globs never trained
     # schedule (a factor on every group's lr, from the optimizer step count)
-    schedule: Literal["constant", "step", "cosine"] = "step"
+    schedule: Literal["constant", "step", "cosine", "hf_cosine"] = "step"
     lr_decay_epochs: list[int] = dataclasses.field(default_factory=list)  # step: x lr_decay_factor from these epochs
     lr_decay_factor: float = 0.1
     warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (any schedule)
+    warmup_ratio: float = 0.0  # or: warm-up over int(warmup_ratio x schedule length) steps
+    num_cycles: float = 0.5  # cosine / hf_cosine: cosine cycles over the schedule (0.5 = half a cosine to 0)
+    schedule_steps: Optional[int] = None  # schedule length in optimizer steps (None: epochs x steps per epoch)
     min_lr_ratio: float = 0.0  # cosine: final lr / base lr
+    # an epoch runs over every caption (one pair each) or over every image (one random caption each);
+    # None: the model's `train_epoch_over` attribute, else captions
+    epoch_over: Optional[Literal["captions", "images"]] = None
     grad_clip: Optional[float] = 2.0  # max global grad norm; None disables
     # precision and hardware
     amp: Optional[Literal["bf16", "fp16"]] = None  # autocast on CUDA; ignored (fp32) on CPU
@@ -70,6 +76,14 @@ class TrainConfig(ModelConfig):
                               f"({self.accum_steps})")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError("set train.warmup_steps or train.warmup_ratio, not both")
+        if self.num_cycles <= 0:
+            raise ConfigError(f"train.num_cycles must be positive, got {self.num_cycles}")
+        if self.schedule_steps is not None and self.schedule_steps <= 0:
+            raise ConfigError(f"train.schedule_steps must be positive or null, got {self.schedule_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.max_steps is not None and self.max_steps <= 0:

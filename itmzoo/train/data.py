@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
-from ..data.collate import PairCollate, PairDataset, _check_kind
+from ..data.collate import ImagePairDataset, PairCollate, PairDataset, _check_kind
 from ..data.split import RetrievalSplit
 from ..features import cat_features
 
-__all__ = ["ResumableBatchSampler", "SeededBatches", "make_train_loader", "merge_batches"]
+__all__ = ["ResumableBatchSampler", "SeededBatches", "make_train_loader", "merge_batches", "resolve_epoch_over"]
 
 BatchKey = tuple[int, int, list[int]]  # (epoch, batch index in the epoch, item indices)
 
@@ -107,16 +107,31 @@ def _passthrough(batch: Any) -> Any:
     return batch
 
 
+def resolve_epoch_over(model: Any, epoch_over: str | None = None) -> str:
+    """``"captions"`` or ``"images"``: the config's choice, else the model's ``train_epoch_over``, else captions."""
+    unit = epoch_over or getattr(model, "train_epoch_over", None) or "captions"
+    if unit not in ("captions", "images"):
+        raise ValueError(f"epoch_over must be 'captions' or 'images', got {unit!r}")
+    return unit
+
+
 def make_train_loader(split: RetrievalSplit, model: Any, micro_batch: int, *, seed: int = 0, rank: int = 0,
                       world_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
-                      drop_last: bool = True) -> DataLoader:
-    """Caption-indexed pairs with the model's training transform and tokenizer, in resumable batches."""
+                      drop_last: bool = True, epoch_over: str | None = None) -> DataLoader:
+    """Training pairs with the model's training transform and tokenizer, in resumable batches.
+
+    ``epoch_over="captions"``: one item per caption (its image); ``"images"``: one item per image with
+    one of its captions drawn at random per epoch (seeded, see `ImagePairDataset`). ``None``: the
+    model's ``train_epoch_over`` attribute, else captions.
+    """
     _check_kind(split, model)
-    pairs = PairDataset(split, model.image_transform_for(True))
+    unit = resolve_epoch_over(model, epoch_over)
+    dataset = PairDataset if unit == "captions" else ImagePairDataset
+    pairs = dataset(split, model.image_transform_for(True))
     sampler = ResumableBatchSampler(len(pairs), micro_batch, seed=seed, rank=rank, world_size=world_size,
                                     drop_last=drop_last)
     if sampler.batches_per_epoch == 0:
-        raise ValueError(f"split '{split.name}' has {len(pairs)} captions: not one batch of {micro_batch} per rank "
+        raise ValueError(f"split '{split.name}' has {len(pairs)} {unit}: not one batch of {micro_batch} per rank "
                          f"({world_size} rank(s)); lower train.batch_size")
     gen = torch.Generator().manual_seed(seed)  # the loader's own seed draws never touch the global stream
     batches = SeededBatches(pairs, PairCollate(model.input_kind, model.tokenizer, train=True), seed, rank)

@@ -209,7 +209,7 @@ class Trainer:
 
         loader = make_train_loader(self.train_data, model, micro, seed=cfg.seed, rank=self.rank, world_size=self.world,
                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                   drop_last=cfg.drop_last)
+                                   drop_last=cfg.drop_last, epoch_over=cfg.epoch_over)
         sampler = loader.sampler
         A = cfg.accum_steps
         # without drop_last an incomplete last window still makes an optimizer step (Lightning's rule)

@@ -5,6 +5,10 @@ then split by the config: ``lr_mults`` (parameter-name glob -> multiplier, first
 ``no_weight_decay`` globs. ``freeze`` globs switch ``requires_grad`` off before anything is grouped.
 Every group remembers its ``base_lr``; the schedule sets ``lr = base_lr * factor(step)``, so ratios
 between groups (BERT's 0.1) survive every decay, as in VSE-infinity.
+
+Optimizers: ``adam`` (L2 decay in the gradient), ``adamw`` (torch's decoupled decay) and ``hf_adamw``
+(`HFAdamW`, the AdamW of older transformers that ESL's CLIP branch copies; see its docstring for how
+it differs from torch's).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from ..config import ConfigError
 from .config import TrainConfig
 
-__all__ = ["LRSchedule", "apply_freeze", "build_optimizer", "build_param_groups"]
+__all__ = ["HFAdamW", "LRSchedule", "apply_freeze", "build_optimizer", "build_param_groups"]
 
 
 def _match(name: str, patterns: Any) -> str | None:
@@ -89,10 +93,65 @@ def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[st
     return groups
 
 
+class HFAdamW(torch.optim.Optimizer):
+    """AdamW as in transformers < 5 (``transformers.optimization.AdamW``), which ESL's CLIP branch copies.
+
+    Per parameter with a gradient (parameters whose ``grad`` is None are skipped entirely, their step
+    count included), with ``t`` the parameter's step count::
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)     # bias corrections in the step size
+        p -= lr * weight_decay * p                                     # decoupled decay, after the update
+
+    torch's AdamW instead divides by ``sqrt(v / (1 - b2^t)) + eps`` (eps added after the bias
+    correction) and decays the weights before the update; the two agree only when eps is negligible
+    and the decay is zero. ``correct_bias=False`` uses ``lr`` as the step size.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True) -> None:
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid HFAdamW settings: lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "correct_bias": correct_bias})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("HFAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                t = state["step"]
+                m.mul_(b1).add_(p.grad, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
+                denom = v.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size = step_size * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+                p.addcdiv_(m, denom, value=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (L2 weight decay, as SCAN/SGRAF) or AdamW (decoupled, as VSE-infinity) over the groups."""
+    """Adam (L2 weight decay, as SCAN/SGRAF), AdamW (decoupled, as VSE-infinity) or `HFAdamW` over the groups."""
     groups = build_param_groups(model, cfg)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "hf_adamw": HFAdamW}[cfg.optimizer]
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -101,9 +160,16 @@ class LRSchedule:
 
     * ``constant``: 1;
     * ``step``: ``lr_decay_factor ** (number of lr_decay_epochs <= current epoch)``;
-    * ``cosine``: half a cosine from 1 to ``min_lr_ratio`` over the run (after the warm-up);
-    * any schedule: a linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps``.
+    * ``cosine``: ``0.5 (1 + cos(2 pi num_cycles p))`` scaled into ``[min_lr_ratio, 1]``, with the
+      progress ``p`` after the warm-up clamped to 1 (``num_cycles`` 0.5: half a cosine to ``min_lr_ratio``);
+    * ``hf_cosine``: transformers' ``get_cosine_schedule_with_warmup`` stepped once per optimizer step
+      (ESL's CLIP branch, Multi-SEA): warm-up ``step / warmup`` (the **first step runs at lr 0**), then
+      ``max(0, 0.5 (1 + cos(2 pi num_cycles p)))`` with ``p`` not clamped, so steps past the schedule
+      length continue the curve (Multi-SEA: num_cycles 0.3 ends at 0.3455; COCO overshoots to 0.3434);
+    * other schedules: a linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps.
 
+    The warm-up is ``warmup_steps`` or ``int(warmup_ratio x length)``; the length is ``schedule_steps``,
+    else the run's optimizer steps (``epochs x steps_per_epoch``, capped by ``max_steps``).
     It is a pure function of the step, so a resumed run needs only the step count to continue.
     """
 
@@ -113,18 +179,27 @@ class LRSchedule:
         self.steps_per_epoch = max(1, steps_per_epoch)
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        if cfg.schedule_steps:
+            self.total_steps = cfg.schedule_steps
+        self.warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
 
     def factor(self, step: int) -> float:
-        cfg = self.cfg
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
+        cfg, warm = self.cfg, self.warmup
+        if cfg.schedule == "hf_cosine":
+            if step < warm:
+                return step / max(1, warm)
+            progress = (step - warm) / max(1, self.total_steps - warm)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * cfg.num_cycles * 2.0 * progress)))
+        if warm and step < warm:
+            return (step + 1) / warm
         if cfg.schedule == "step":
             epoch = step // self.steps_per_epoch
             return cfg.lr_decay_factor ** sum(epoch >= e for e in cfg.lr_decay_epochs)
         if cfg.schedule == "cosine":
-            span = max(1, self.total_steps - cfg.warmup_steps)
-            progress = min(1.0, (step - cfg.warmup_steps) / span)
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            span = max(1, self.total_steps - warm)
+            progress = min(1.0, (step - warm) / span)
+            cos = 0.5 * (1 + math.cos(2 * math.pi * cfg.num_cycles * progress))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cos
         return 1.0
 
     def apply(self, step: int) -> float:
