@@ -7,7 +7,12 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoints.safe import CheckpointError, load_state_strict, read_pickled_checkpoint
+from .checkpoints.safe import (
+    DEFAULT_ALLOWED_GLOBALS,
+    CheckpointError,
+    load_state_strict,
+    read_pickled_checkpoint,
+)
 from .config import apply_overrides
 from .registry import get_entry, resolve_config
 
@@ -51,7 +56,9 @@ def build(name: str, checkpoint: str | Path | None = None, device: str | torch.d
     if checkpoint is not None:
         if entry.converter is None:
             raise CheckpointError(f"model '{entry.name}' has no converter for official checkpoints")
-        obj = read_pickled_checkpoint(checkpoint)
+        # a converter may name extra pickled classes it reads as plain attribute holders (ESL-CLIP's config)
+        allowed = (*DEFAULT_ALLOWED_GLOBALS, *getattr(entry.converter, "allowed_globals", ()))
+        obj = read_pickled_checkpoint(checkpoint, allowed)
         inferred, state, ignorable = entry.converter(obj)
         for key, value in inferred.items():
             if key in overrides and overrides[key] is not None and overrides[key] != value:

@@ -123,6 +123,10 @@ _BUILTIN: dict[str, ModelEntry] = {
            paper="ESL: Enhanced Semantic Similarity Learning Framework for Image-Text Matching (TCSVT 2023)",
            upstream="CrossmodalGroup/ESL @ b91e287b238fcf6dd7dc784c04e7bf1ac53404ae",
            text_backbone="bert-base-uncased", image_backbone="butd-regions"),
+        _b("esl_clip", "itmzoo.models.esl:esl_clip", input_kind="pixels", scoring="embedding",
+           paper="ESL: Enhanced Semantic Similarity Learning Framework for Image-Text Matching (TCSVT 2023), CLIP branch",
+           upstream="kkzhang95/ESL @ 7edd3da0b404b3262d54b8304f36b615c282d705",
+           text_backbone="clip-text", image_backbone="clip-vit-b16"),
     ]
 }
 _ALIASES: dict[str, str] = {a: e.name for e in _BUILTIN.values() for a in e.aliases}

@@ -59,17 +59,23 @@ from .base import EvalSettings, ITMModel
 
 __all__ = [
     "ESL",
+    "ESLCLIP",
     "NUM_LEVELS",
     "TAGS",
+    "TAGS_CLIP",
     "TINY_OVERRIDES",
     "AdaptiveLevels",
     "ESLBertTokenizer",
+    "ESLCLIPConfig",
+    "ESLCLIPHead",
     "ESLConfig",
     "ESLHead",
     "HeuristicLevels",
     "contribution_weights",
     "convert_official",
+    "convert_official_clip",
     "esl",
+    "esl_clip",
     "esl_cross_scores",
     "level_dims",
     "strategy_from_keys",
@@ -621,6 +627,193 @@ class ESL(ITMModel):
             load_pretrained_weights(self.txt_enc.bert, self.config.pretrained)
 
 
+# ------------------------------------------------------------------------------------------ CLIP branch
+
+
+def _clip_config_default():
+    from ..encoders.clip import CLIPConfig
+
+    return CLIPConfig()
+
+
+@dataclasses.dataclass
+class ESLCLIPConfig(ModelConfig):
+    """ESL, CLIP branch (defaults: ``kkzhang95/ESL @ 7edd3da``, ``config/all_config.py`` + scripts; heuristic)."""
+
+    strategy: Strategy = "heuristic"  # upstream's module flag (CLIP default: heuristic)
+    clip: Any = dataclasses.field(default_factory=_clip_config_default)  # itmzoo.encoders.clip.CLIPConfig
+    pretrained: str | None = None  # OpenAI ViT-B-16.pt, an open_clip/timm file or an HF folder; None: random
+    kernel_size: int = 2
+    clip_lr_mult: float = 1e-6 / 3e-5  # CLIP at 1e-6, the ESL head at the base lr 3e-5 (upstream groups)
+    logit_scale_max: float = math.log(100)  # CLIP's temperature is clamped after every step
+    caption_strip: str = ""  # characters stripped from both ends of a caption (upstream F30K: ".")
+    image_size: int = 224
+    # -- fixed mode (False/"cut" = upstream) --
+    truncate: Literal["cut", "eot"] = "cut"  # captions over 77 tokens: cut (EOT lost) or end with EOT
+    normalize_text_chain: bool = False
+    eval_block: tuple[int, int] = (4096, 16384)  # (images, captions) per similarity() call: one product
+
+    def validate(self) -> None:
+        from ..encoders.clip import CLIPConfig
+
+        if self.strategy not in ("heuristic", "adaptive"):
+            raise ConfigError(f"esl_clip: strategy must be 'heuristic' or 'adaptive', got {self.strategy!r}")
+        if isinstance(self.clip, Mapping):
+            self.clip = CLIPConfig.from_dict(self.clip)
+        if not isinstance(self.clip, CLIPConfig):
+            raise ConfigError(f"esl_clip: clip must be a CLIPConfig or a dict of its fields, got {type(self.clip).__name__}")
+        self.clip.validate()
+        if self.clip.vision_output != "cls_proj" or self.clip.text_tower != "full":
+            raise ConfigError("esl_clip needs CLIP's projected CLS and EOT vectors (vision_output='cls_proj', "
+                              "text_tower='full')")
+        e = self.clip.embed_dim
+        if self.kernel_size < 2 or e % self.kernel_size ** (NUM_LEVELS - 1):
+            raise ConfigError(f"esl_clip: clip.embed_dim ({e}) must be divisible by kernel_size**8 for the 9 levels")
+        if self.truncate not in ("cut", "eot"):
+            raise ConfigError(f"esl_clip: truncate must be 'cut' or 'eot', got {self.truncate!r}")
+        if self.clip_lr_mult < 0:
+            raise ConfigError(f"esl_clip: clip_lr_mult must be >= 0, got {self.clip_lr_mult}")
+
+
+class ESLCLIPHead(nn.Module):
+    """The CLIP branch's ``sims_claculator``: ``D_k = M_k w'_k`` (``masks_k = Linear(d_k, d_k)``, identity init).
+
+    ``w' = w exp(lambda (|w| - thr))`` with ``thr`` at ``sigmoid(temp_scale_1)`` between min and max ``|w|``
+    and ``lambda = exp(temp_scale_2)``, in both builds; ``temp_scale`` exists upstream but is unused.
+    """
+
+    def __init__(self, embed_dim: int = 512, kernel_size: int = 2) -> None:
+        super().__init__()
+        self.dims = level_dims(embed_dim, kernel_size)
+        self.sim_eval = nn.Linear(NUM_LEVELS, 1, bias=False)
+        self.temp_scale = nn.Linear(1, 1, bias=False)  # unused upstream; kept so checkpoints load strictly
+        self.temp_scale_1 = nn.Linear(1, 1, bias=False)
+        self.temp_scale_2 = nn.Linear(1, 1, bias=False)
+        for k, d in enumerate(self.dims):
+            self.add_module(f"masks_{k}", nn.Linear(d, d, bias=False))
+        with torch.no_grad():
+            self.temp_scale.weight.fill_(math.log(1 / 0.07))
+            self.sim_eval.weight.fill_(0.1)
+            self.temp_scale_1.weight.fill_(-1)
+            self.temp_scale_2.weight.fill_(4)
+            for k in range(len(self.dims)):
+                nn.init.eye_(getattr(self, f"masks_{k}").weight)
+
+    def matrices(self) -> list[torch.Tensor]:
+        w = contribution_weights(self.sim_eval.weight, self.temp_scale_1.weight, torch.exp(self.temp_scale_2.weight),
+                                 squash=True)
+        return [getattr(self, f"masks_{k}").weight * w[0, k] for k in range(len(self.dims))]
+
+    def fold(self, image_levels: torch.Tensor) -> torch.Tensor:
+        """``(1/9) [x_k D_k]_k``: the image side of the bilinear score, so that ``score = e_img . y``."""
+        parts = image_levels.split(self.dims, dim=-1)
+        return torch.cat([p @ d.to(p.dtype) for p, d in zip(parts, self.matrices())], -1) / NUM_LEVELS
+
+
+class ESLCLIPTokenizer:
+    """CLIP BPE, 77 tokens; ``truncate="cut"`` keeps the first 77 (EOT lost), as ESL's ``SimpleTokenizer``."""
+
+    def __init__(self, truncate: str = "cut", strip: str = "") -> None:
+        from ..data.tokenizers import CLIPTokenizer
+
+        self.bpe = CLIPTokenizer(truncate=truncate, pad_to_context=True)
+        self.strip = strip
+
+    def __call__(self, captions: Sequence[str], train: bool = False) -> dict[str, torch.Tensor]:
+        if isinstance(captions, str):
+            captions = [captions]
+        if self.strip:
+            captions = [c.strip(self.strip) for c in captions]
+        return self.bpe(list(captions), train=train)
+
+
+class ESLCLIP(ITMModel):
+    """ESL, CLIP branch: CLIP ViT image and text vectors, measure-unit levels, bilinear head, InfoNCE.
+
+    Children: ``clip`` (OpenAI names), ``img_levels`` / ``txt_levels``, ``head`` (`ESLCLIPHead`). The score is
+    a dot product: `encode_image` returns the image levels with the head folded in (``[N, 1022]``),
+    `encode_text` the caption levels, so evaluation encodes every item once and scores with one product.
+    """
+
+    input_kind = "pixels"
+    scoring = "embedding"
+    accumulation = "exact"
+
+    def __init__(self, config: ESLCLIPConfig) -> None:
+        from ..encoders.clip import CLIP
+
+        super().__init__(config)
+        self.clip = CLIP(config.clip)
+        levels = _levels_class(config.strategy)
+        e = config.clip.embed_dim
+        self.img_levels = levels(e, config.kernel_size)
+        self.txt_levels = levels(e, config.kernel_size)
+        self.head = ESLCLIPHead(e, config.kernel_size)
+        self._tokenizer: ESLCLIPTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> ESLCLIPTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = ESLCLIPTokenizer(self.config.truncate, self.config.caption_strip)
+        return self._tokenizer
+
+    def image_transform_for(self, train: bool):
+        from ..data.transforms import image_transform
+
+        # upstream trains on the evaluation transform (no augmentation)
+        return image_transform("clip", self.config.image_size, train=train)
+
+    def image_levels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        x = self.clip.encode_image(batch["pixels"])
+        x = x / x.norm(dim=1, keepdim=True)  # upstream: plain division, no eps
+        return self.img_levels(x, normalized_chain=True)
+
+    def text_levels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        y = self.clip.encode_text(batch["input_ids"])
+        y = y / y.norm(dim=1, keepdim=True)
+        return self.txt_levels(y, normalized_chain=self.config.normalize_text_chain)
+
+    def encode_image(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.head.fold(self.image_levels(batch))
+
+    def encode_text(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.text_levels(batch)
+
+    def eval_settings(self) -> EvalSettings:
+        return EvalSettings(block=tuple(self.config.eval_block))
+
+    def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"image": self.image_levels(batch), "text": self.text_levels(batch)}
+
+    def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Symmetric InfoNCE on ``sims x exp(logit_scale)`` over the (global) batch; duplicates are negatives."""
+        from ..distributed import gather_features
+
+        f = gather_features(dict(feats))
+        sims = self.head.fold(f["image"]) @ f["text"].t()
+        logits = sims * self.clip.logit_scale.exp()
+        target = torch.arange(logits.shape[0], device=logits.device)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        return {"loss": loss}
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(max=self.config.logit_scale_max)
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
+        """``clip.*`` at lr x `clip_lr_mult` (upstream 1e-6), the ESL head at lr (upstream 3e-5)."""
+        clip = [p for p in self.clip.parameters() if p.requires_grad]
+        head = [p for m in (self.img_levels, self.txt_levels, self.head) for p in m.parameters() if p.requires_grad]
+        return [{"params": clip, "lr": base_lr * self.config.clip_lr_mult, "name": "clip"},
+                {"params": head, "lr": base_lr, "name": "esl_head"}]
+
+    def init_pretrained(self) -> None:
+        if self.config.pretrained:
+            from ..encoders.clip import load_clip_pretrained
+
+            load_clip_pretrained(self.clip, self.config.pretrained)
+
+
 # ------------------------------------------------------------------------------------ official checkpoints
 
 _LEVEL_PREFIX = "plus_encoder.encoders_1."
@@ -687,6 +880,45 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     return overrides, state, list(IGNORED_OFFICIAL)
 
 
+class _PickledConfig:
+    """Stand-in for the CLIP branch's pickled ``AllConfig`` / ``Config``: attributes only, no code runs."""
+
+
+def convert_official_clip(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+    """The CLIP branch's ``model_best.pth`` -> ``(overrides, state, ignorable)``.
+
+    The file is ``{'epoch', 'state_dict': {'clip.*', 'pool_frames.cross_attn.*'}, 'optimizer', 'config':
+    AllConfig}`` (the optimizer state is ignored); a bare state dict works too. The strategy is read from the
+    aggregator keys; CLIP's architecture must be the configured one (ViT-B/16 by default).
+    """
+    state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not any(str(k).startswith("clip.") for k in state):
+        raise CheckpointError("not an ESL-CLIP checkpoint: expected a dict with 'state_dict' holding 'clip.*' and "
+                              "'pool_frames.cross_attn.*' keys")
+    state = strip_prefixes(state)
+    head_prefix = "pool_frames.cross_attn."
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"ESL-CLIP checkpoint: {k} is a {type(v).__name__}, not a tensor")
+        if k.startswith("clip."):
+            out[k] = v
+        elif k.startswith(head_prefix):
+            out[_map_sim_key(k[len(head_prefix):])] = v
+        else:
+            raise CheckpointError(f"unexpected ESL-CLIP key {k!r}")
+    strategy = strategy_from_keys([k for k in state if k.startswith(head_prefix)])
+    overrides: dict[str, Any] = {"strategy": strategy}
+    cfg = obj.get("config") if isinstance(obj, Mapping) else None
+    if cfg is not None and getattr(cfg, "embed_dim", 512) != 512:
+        raise CheckpointError(f"ESL-CLIP checkpoint: config.embed_dim={cfg.embed_dim}; only 512 is supported")
+    return overrides, out, []
+
+
+convert_official_clip.allowed_globals = ((_PickledConfig, "config.all_config.AllConfig"),
+                                         (_PickledConfig, "config.base_config.Config"))
+
+
 # -------------------------------------------------------------------------------------------- tags + names
 
 _DRIVE = "Google Drive file linked from the README of " + UPSTREAM
@@ -728,9 +960,30 @@ TAGS: dict[str, Tag] = {
 _TINY_BERT = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
               "intermediate_size": 32, "max_position_embeddings": 64}
 
+_TINY_CLIP = {"embed_dim": 256, "image_size": 32, "patch_size": 16, "vision_width": 32, "vision_layers": 1,
+              "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2}
+
 #: registry name -> config overrides of a tiny model with random weights (no files needed)
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "esl": {"img_dim": 16, "embed_size": 256, "bert_config": _TINY_BERT},
+    "esl_clip": {"clip": _TINY_CLIP, "image_size": 32},
+}
+
+_CLIP_NOTE = ("the README gives no numbers and the F30K weights were lost; COCO files: "
+              "Google Drive ids from the README of " + UPSTREAM_CLIP)
+TAGS_CLIP: dict[str, Tag] = {
+    "coco_heuristic": Tag(overrides={"strategy": "heuristic"}, dataset="coco", license="unspecified",
+                          source="model_best_heuristic_coco_clip_based.pth: 1Wk-dzIx04v9NXZJk4oFWVzaEPiRrsfeT",
+                          preprocessing={"image": "Resize 224 bicubic, CenterCrop 224, CLIP mean/std",
+                                         "text": "CLIP BPE, first 77 tokens, raw.lower()"}, note=_CLIP_NOTE),
+    "coco_adaptive": Tag(overrides={"strategy": "adaptive"}, dataset="coco", license="unspecified",
+                         source="model_best_adaptive_coco_clip_based.pth: 1gPM-9xppPh-RPMLm6GLJ8IUKO7GUFP5n",
+                         preprocessing={"image": "Resize 224 bicubic, CenterCrop 224, CLIP mean/std",
+                                        "text": "CLIP BPE, first 77 tokens, raw.lower()"}, note=_CLIP_NOTE),
+    "f30k_heuristic": Tag(overrides={"strategy": "heuristic", "caption_strip": "."}, dataset="f30k",
+                          note="recipe only (no released weights); captions raw.strip('.').lower()"),
+    "f30k_adaptive": Tag(overrides={"strategy": "adaptive", "caption_strip": "."}, dataset="f30k",
+                         note="recipe only (no released weights); captions raw.strip('.').lower()"),
 }
 
 
@@ -738,3 +991,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 def esl(config: ESLConfig) -> ESL:
     """ESL (BERT branch): BUTD regions + BERT-base, cross-attention over measure-unit levels."""
     return ESL(config)
+
+
+@register_model("esl_clip", config=ESLCLIPConfig, tags=TAGS_CLIP, converter=convert_official_clip)
+def esl_clip(config: ESLCLIPConfig) -> ESLCLIP:
+    """ESL (CLIP branch): CLIP ViT-B/16 image and text vectors, measure-unit levels, bilinear head."""
+    return ESLCLIP(config)
