@@ -13,6 +13,8 @@ import json
 import math
 import random
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -601,7 +603,22 @@ def _clip_model(meta: dict, state: dict, tmp_path: Path) -> torch.nn.Module:
     torch.save({"epoch": 3, "state_dict": sd, "optimizer": {"state": {}}, "config": _Payload()}, path)
     with pytest.raises(CheckpointError, match="_Payload"):  # only the allow-listed config class unpickles
         itmzoo.build("esl_clip", checkpoint=str(path), clip=cfg, image_size=32)
-    torch.save({"epoch": 3, "state_dict": sd}, path)
+    # the authors' file pickles config.all_config.AllConfig: it is read as a plain attribute holder
+    fake = types.ModuleType("config.all_config")
+    AllConfig = type("AllConfig", (), {"__module__": "config.all_config"})
+    fake.AllConfig = AllConfig
+    conf = AllConfig()
+    conf.embed_dim, conf.kernel_size, conf.huggingface = 512, 2, False
+    saved = {k: sys.modules.get(k) for k in ("config", "config.all_config")}
+    sys.modules["config"], sys.modules["config.all_config"] = types.ModuleType("config"), fake
+    try:
+        torch.save({"epoch": 3, "state_dict": sd, "optimizer": {"state": {}}, "config": conf}, path)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del sys.modules[k]
+            else:
+                sys.modules[k] = v
     model = itmzoo.build("esl_clip", checkpoint=str(path), clip=cfg, image_size=32)
     assert model.config.strategy == meta["strategy"]
     return model
