@@ -29,6 +29,7 @@ __all__ = [
     "RegistryError",
     "Tag",
     "add_model_config",
+    "expected_recalls",
     "get_entry",
     "instantiate",
     "list_models",
@@ -65,6 +66,17 @@ class Tag:
     note: str = ""
 
 
+RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def expected_recalls(protocol: str, values: Any, keys: tuple[str, ...] = RECALL_KEYS) -> dict[str, float]:
+    """A tag's expected metrics from a paper's table row: ``{"f30k-1k.i2t_r1": 84.3, ...}``."""
+    values = tuple(values)
+    if len(values) != len(keys):
+        raise RegistryError(f"expected_recalls('{protocol}'): {len(values)} values for the {len(keys)} keys {keys}")
+    return {f"{protocol}.{k}": float(v) for k, v in zip(keys, values)}
+
+
 @dataclasses.dataclass
 class ModelEntry:
     """Everything the registry knows about one method, before and after its module is imported."""
@@ -86,6 +98,8 @@ class ModelEntry:
     default_tag: str | None = None
     converter: Callable[..., Any] | None = None
     tiny: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # overrides of a tiny test build
+    # extra globals the authors' pickled files may hold, read as data: classes or (stand-in, "module.Name")
+    checkpoint_globals: tuple[Any, ...] = ()
     weight_tags: tuple[str, ...] | None = None  # from the index, before the module is imported
 
     @property

@@ -13,7 +13,7 @@ import torch
 
 from ..config import apply_overrides
 from ..registry import get_entry, instantiate, resolve_config
-from .safe import CheckpointError, load_state_strict, read_pickled_checkpoint
+from .safe import DEFAULT_ALLOWED_GLOBALS, CheckpointError, load_state_strict, read_pickled_checkpoint
 
 LOCAL_DIR = "local-dir:"
 
@@ -85,7 +85,7 @@ def build(name: str, checkpoint: str | Path | None = None, device: str | torch.d
     if checkpoint is not None:
         if entry.converter is None:
             raise CheckpointError(f"model '{entry.name}' has no converter for official checkpoints")
-        obj = read_pickled_checkpoint(checkpoint)
+        obj = read_pickled_checkpoint(checkpoint, (*DEFAULT_ALLOWED_GLOBALS, *entry.checkpoint_globals))
         try:
             inferred, state, ignorable = entry.converter(obj)
         except CheckpointError as e:

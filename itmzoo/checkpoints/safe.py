@@ -27,7 +27,11 @@ class CheckpointError(RuntimeError):
 
 
 def read_pickled_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = DEFAULT_ALLOWED_GLOBALS) -> Any:
-    """``torch.load`` with ``weights_only=True`` and an allow-list; never falls back to full unpickling."""
+    """``torch.load`` with ``weights_only=True`` and an allow-list; never falls back to full unpickling.
+
+    An entry is a class or a ``(stand-in class, "module.Name")`` pair: the pickle's object of that name is
+    rebuilt as the stand-in with its attributes (no code of the original class runs).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -47,7 +51,7 @@ def read_pickled_checkpoint(path: str | Path, allowed_globals: Iterable[Any] = D
                 name = m.group(1) if m else "an unknown global"
                 raise CheckpointError(
                     f"{path}: refusing to unpickle {name}; only tensors and "
-                    f"{', '.join(f'{g.__module__}.{g.__qualname__}' for g in allowed)} are allowed. "
+                    f"{', '.join(_global_name(g) for g in allowed)} are allowed. "
                     "itmzoo never executes code from checkpoint files."
                 ) from None
             last_err = e
@@ -68,6 +72,11 @@ def _first_clause(e: BaseException | None) -> str:
     if "weights_only" in first or "Weights only load failed" in first:
         return "not a torch.save file"
     return first[:200]
+
+
+def _global_name(g: Any) -> str:
+    # an allow-list entry is a class or a (stand-in class, "module.Name") pair
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import Any, Literal, Mapping
 
 import torch
