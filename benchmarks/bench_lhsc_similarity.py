@@ -7,7 +7,7 @@ The machine's fp32 matrix-multiply rate is measured in the same run for referenc
 The upstream half is optional: pass an LHSC checkout (``lDarryll/LHSC``; it is imported from there, never
 copied into itmzoo) with ``--upstream PATH`` or ``ITMZOO_LHSC_UPSTREAM=PATH``. Its ``evaluation.py``
 moves shards to CUDA with ``.cuda()``; on a CPU-only machine this script makes ``Tensor.cuda`` a no-op
-for the duration of the upstream call (spec §9, patch 4). Without an upstream checkout only the itmzoo
+for the duration of the upstream call (the same change as patch 4 in docs/fixtures/lhsc.md). Without an upstream checkout only the itmzoo
 half runs.
 
     python benchmarks/bench_lhsc_similarity.py [--upstream PATH] [--images 100] [--captions 500]
@@ -34,7 +34,7 @@ D, S, R = 1024, 256, 36
 
 
 def pair_flops(lengths: np.ndarray, n_images: int) -> float:
-    """FLOPs of all pairs by the spec's count (§2.5): 2 x (336,900·L + 263,000) multiply-adds per pair."""
+    """FLOPs of all pairs: 2 x (336,900·L + 263,000), the multiply-adds of one pair with L words, summed."""
     return float(2 * (336_900 * lengths.astype(np.float64) + 263_000).sum() * n_images)
 
 
