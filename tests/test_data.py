@@ -227,7 +227,7 @@ def test_clip_tokenizer_matches_upstream_ids(tmp_path):
     assert hashlib.sha256(CLIP_BPE_PATH.read_bytes()).hexdigest() == CLIP_BPE_SHA256
     tok = CLIPTokenizer()
     b = tok(["a man riding a horse on a beach", "Hello, World!"])
-    # ids produced by ESL's SimpleTokenizer (specs/esl.md)
+    # ids produced by ESL's SimpleTokenizer (OpenAI CLIP's BPE, as ESL ships it)
     assert b["input_ids"][0, :11].tolist() == [49406, 320, 786, 6765, 320, 4558, 525, 320, 2117, 49407, 0]
     assert b["input_ids"].shape == (2, 77) and b["lengths"].tolist() == [10, 6]
     assert tok.decode(b["input_ids"][1, 1:5].tolist()) == "hello , world ! "

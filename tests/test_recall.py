@@ -1,4 +1,4 @@
-"""Recall metrics against the VSE++/SCAN/VSE-infinity definitions (specs/protocol.md §1)."""
+"""Recall metrics against the VSE++/SCAN/VSE-infinity definitions."""
 
 import numpy as np
 import pytest
