@@ -1,7 +1,7 @@
 """Recall on the COCO-5K-sized matrix: itmzoo's vectorised ranks vs the reference per-query loop.
 
 The reference loop (`itmzoo.eval.reference`) restates VSE-infinity's `i2t`/`t2i` (argsort per query).
-Both run in the same process on the same matrix (seed 2021, n 5000, mu 3.0, the COCO-5K-sized case of tests/test_recall.py),
+Both run in the same process on the same matrix (`seeded_sims(2021, n, 3.0)`, n = 5000 by default),
 and the script checks that the ranks are identical before reporting the speed ratio.
 
     python benchmarks/bench_recall.py [--n 5000] [--device cpu|cuda]

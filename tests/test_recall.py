@@ -1,4 +1,4 @@
-"""Recall metrics against the VSE++/SCAN/VSE-infinity definitions (VSE-infinity lib/evaluation.py)."""
+"""Recall metrics against the VSE++/SCAN/VSE-infinity definitions."""
 
 import numpy as np
 import pytest
