@@ -184,7 +184,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         block=tuple(args.block) if args.block else None, rerank_k=args.rerank_k,
                         pair_batch_size=args.pair_batch_size, amp=args.amp,
                         progress=not args.quiet and sys.stderr.isatty(),
-                        return_sims=bool(args.save_sims or args.save_ranks))
+                        return_sims=bool(args.save_sims or args.save_ranks or args.report))
     spec = parse_data_spec(args.data)
     if args.pretrained and Path(args.pretrained).is_file():
         raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
@@ -234,6 +234,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if path:
             writer(path, sims, split, metrics["protocol"])
             print(f"wrote {path}")
+    if args.report:
+        from .eval.html import write_report
+
+        page = write_report(args.report, {**metrics, "checkpoint": str(source)}, split, sims)
+        print(f"report: {page}")
     metrics["checkpoint"] = str(source)
     print(f"{getattr(split, 'name', '') or 'split'} ({metrics['protocol']}, {metrics['n_images']} images, "
           f"{metrics['n_captions']} captions): {format_metrics(metrics)}")
@@ -517,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the score matrices [n_images, n_captions] (per direction for two-stage models)")
     pe.add_argument("--save-ranks", dest="save_ranks", metavar="FILE.json",
                     help="write each query's 1-based rank of its ground truth, per direction")
+    pe.add_argument("--report", metavar="DIR",
+                    help="write an HTML report (metrics, R@K curves, example queries with thumbnails) into DIR")
     pe.set_defaults(func=_cmd_eval)
 
     px = sub.add_parser("index", parents=[common], help="encode a gallery into an index directory",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,75 @@ def test_cli_eval_saves_sims_and_ranks_that_give_its_metrics(tmp_path, capsys):
     assert np.mean([q["rank"] <= 5 for q in ranks["t2i"]]) * 100 == pytest.approx(metrics["t2i_r5"], abs=1e-6)
     assert np.mean([q["rank"] == 1 for q in ranks["i2t"]]) * 100 == pytest.approx(metrics["i2t_r1"], abs=1e-6)
     assert ranks["t2i"][7]["caption_text"] and ranks["i2t"][0]["image_id"] == "shapes_test_000000"
+
+
+# -- HTML report ------------------------------------------------------------------------------------
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def _check_report(directory: Path) -> _Refs:
+    page = (directory / "index.html").read_text(encoding="utf-8")
+    p = _Refs()
+    p.feed(page)
+    p.close()
+    assert p.refs, "the report references no files"
+    for ref in p.refs:
+        assert not ref.startswith(("/", "http:", "https:", "file:")), ref  # relative links only
+        assert (directory / ref).is_file(), f"{ref} is referenced but missing"
+    return p
+
+
+def test_eval_report_is_self_contained_and_agrees_with_the_metrics(tmp_path, capsys):
+    from itmzoo.eval.html import recall_curves
+
+    assert main(["eval", "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC, "--quiet",
+                 "--out", str(tmp_path / "m.json"), "--report", str(tmp_path / "rep")]) == 0
+    assert f"report: {tmp_path / 'rep' / 'index.html'}" in capsys.readouterr().out
+    p = _check_report(tmp_path / "rep")
+    page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert f"{metrics['t2i_r1']:.2f}" in page and "protocol <b>full</b>" in page
+    assert ("svg" in p.tags) != (tmp_path / "rep" / "recall_at_k.png").is_file()  # one plot, either form
+    # 8 caption queries x 5 images + 8 image queries: one thumbnail per distinct image shown, rendered
+    thumbs = [r for r in p.refs if r.startswith("thumbs/")]
+    assert len(thumbs) == 8 * 5 + 8 and len(set(thumbs)) == len(list((tmp_path / "rep" / "thumbs").iterdir()))
+    # the curve at K = 1, 5, 10 is the metrics' recall; a ✓ marks exactly the hits of the top 5
+    with np.load(_sims_for(tmp_path), allow_pickle=False) as z:
+        sims = torch.from_numpy(z["sims"])
+    split = SyntheticShapes({"test": 10}, region_dim=16, num_regions=4).split("test")
+    curves = recall_curves(sims, split)
+    for d in ("i2t", "t2i"):
+        assert [curves[d][k - 1] for k in (1, 5, 10)] == pytest.approx([metrics[f"{d}_r{k}"] for k in (1, 5, 10)])
+    picks = np.linspace(0, 49, 8).round().astype(int)
+    hits = sum(int(split.caption_to_image[j] in sims[:, j].topk(5).indices.tolist()) for j in picks)
+    caption_rows = page.split("Caption &rarr; images")[1].split("Image &rarr; captions")[0]
+    assert caption_rows.count("✓") == hits
+
+
+def _sims_for(tmp_path: Path) -> Path:
+    assert main(["eval", "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC, "--quiet",
+                 "--save-sims", str(tmp_path / "s.npz")]) == 0
+    return tmp_path / "s.npz"
+
+
+def test_train_ends_with_a_report(tmp_path, capsys):
+    import yaml
+
+    run = {"model": {"name": "toy_vse", "img_dim": 16, "embed_size": 8, "word_dim": 8, "hash_buckets": 31},
+           "data": {"format": "synthetic", "region_dim": 16, "num_regions": 4,
+                    "num_images": {"train": 16, "dev": 6, "test": 6},
+                    "train": {"split": "train"}, "dev": {"split": "dev"}, "test": {"split": "test"}},
+           "train": {"epochs": 1, "batch_size": 8, "progress": False}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "out")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"report: {tmp_path / 'out' / 'report' / 'index.html'}")
+    _check_report(tmp_path / "out" / "report")
