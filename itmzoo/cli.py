@@ -247,6 +247,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"two-stage: k = {ts['rerank_k']}; first stage alone: {format_metrics(ts['first_stage'])}")
     if args.chance:
         print(f"chance level: {format_metrics(chance_metrics(split.caption_to_image))}")
+    expected = _expected_of(args.model, bool(args.checkpoint)) if args.model else {}
+    if expected:
+        from .eval.report import compare_expected, format_comparison
+
+        rows = compare_expected(metrics, expected[1])
+        if rows:
+            print(f"expected by {expected[0]} (under {metrics['protocol']}):\n{format_comparison(rows)}")
+            metrics["expected_comparison"] = {"tag": expected[0], "rows": rows}
+        else:
+            print(f"note: {expected[0]} states expected metrics for other protocols "
+                  f"({', '.join(sorted({k.rpartition('.')[0] for k in expected[1]}))}), not {metrics['protocol']}")
     if args.out:
         from .checkpoints.atomic import write_text_atomic
         from .jsonfmt import dumps
@@ -254,6 +265,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_text_atomic(args.out, dumps(metrics, indent=2))
         print(f"wrote {args.out}")
     return 0
+
+
+def _expected_of(name: str, has_checkpoint: bool) -> tuple[str, dict[str, float]] | None:
+    """``(method.tag, expected metrics)`` of a named tag (or, with a checkpoint, the default tag), if any."""
+    from .registry import get_entry, split_name
+
+    method, tag = split_name(name)
+    entry = get_entry(method)
+    tag = tag or (entry.default_tag if has_checkpoint else None)
+    if tag is None:
+        return None
+    tags = entry.tags  # get_entry imported the family module: the full declarations
+    if tag not in tags or not tags[tag].expected:
+        return None
+    return f"{entry.name}.{tag}", dict(tags[tag].expected)
 
 
 def _direction_matrices(sims: Any) -> list[dict[str, Any]]:

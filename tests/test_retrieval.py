@@ -367,3 +367,24 @@ def test_train_ends_with_a_report(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"report: {tmp_path / 'out' / 'report' / 'index.html'}")
     _check_report(tmp_path / "out" / "report")
+
+
+# -- expected metrics of a tag ----------------------------------------------------------------------
+
+def test_eval_of_a_tag_prints_the_difference_to_its_expected_metrics(tmp_path, capsys):
+    from itmzoo.models.toy import ToyVSE, ToyVSEConfig
+    from itmzoo.registry import Tag, register_model
+
+    expected = {"full.t2i_r1": 50.0, "full.rsum": 300.0, "f30k-1k.t2i_r1": 90.0}
+    register_model("expected_toy", config=ToyVSEConfig, input_kind="regions", scoring="embedding",
+                   tags={"demo": Tag(overrides={"img_dim": 16}, expected=expected)})(lambda cfg: ToyVSE(cfg))
+    assert main(["eval", "--model", "expected_toy.demo", "--data", SPEC, "--quiet", "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    rows = {r["metric"]: r for r in metrics["expected_comparison"]["rows"]}
+    assert set(rows) == {"t2i_r1", "rsum"}  # the f30k-1k number belongs to another protocol
+    assert rows["t2i_r1"]["difference"] == pytest.approx(metrics["t2i_r1"] - 50.0)
+    assert "expected by expected_toy.demo (under full)" in out
+    assert f"{metrics['rsum']:>10.2f}{metrics['rsum'] - 300:>+9.2f}" in out
+    assert main(["eval", "--model", "expected_toy.demo", "--data", SPEC, "--quiet", "--protocol", "5fold"]) == 0
+    assert "states expected metrics for other protocols (f30k-1k, full), not 5fold" in capsys.readouterr().out
