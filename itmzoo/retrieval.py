@@ -333,6 +333,19 @@ class Retriever:
         s = similarity_matrix(model, img, txt, block=block, device=device, progress=False)
         return s if direction == "i2t" else s.t()
 
+    def _product_topk(self, img: torch.Tensor, txt: torch.Tensor, k: int, direction: str):
+        """Exact top k by one product per chunk of queries (scores of at most 2**26 pairs at a time)."""
+        gallery, queries = (txt, img) if direction == "i2t" else (img, txt)
+        device = torch.device(self.device) if self.device is not None else self.model.device
+        g = gallery.to(device)
+        step = max(1, (1 << 26) // max(len(g), 1))
+        scores, idx = [], []
+        for a in range(0, len(queries), step):
+            top = (queries[a:a + step].to(device) @ g.t()).topk(k, dim=1)
+            scores.append(top.values.cpu())
+            idx.append(top.indices.cpu())
+        return torch.cat(scores), torch.cat(idx)
+
     def _search(self, img: dict[str, Features], txt: dict[str, Features], k: int, direction: str,
                 ids: list[Any]) -> SearchResult:
         if k <= 0:
@@ -343,6 +356,8 @@ class Retriever:
         if scoring == "embedding" or (scoring == "cross" and self.first_stage is None):
             if self.backend == "faiss":
                 scores, idx = self._faiss_search(img["model"], txt["model"], k, direction)
+            elif _is_plain_product(self.model):
+                scores, idx = self._product_topk(img["model"], txt["model"], k, direction)
             else:
                 scores, idx = self._scores(self.model, img["model"], txt["model"], direction).topk(k, dim=1)
         else:
@@ -369,12 +384,17 @@ class Retriever:
         finally:
             self.model.train(was_training)
 
+    def build_index(self) -> "Retriever":
+        """Build the FAISS index of each gallery now (otherwise on its first query); a no-op for torch search."""
+        if self.backend == "faiss":
+            for what, parts in self.features.items():
+                if what not in self._faiss:
+                    self._faiss[what] = _faiss_index(parts["model"])
+        return self
+
     def _faiss_search(self, img: torch.Tensor, txt: torch.Tensor, k: int, direction: str):
-        gallery, queries = (txt, img) if direction == "i2t" else (img, txt)
-        what = "caption" if direction == "i2t" else "image"
-        index = self._faiss.get(what)
-        if index is None:
-            index = self._faiss[what] = _faiss_index(gallery)
+        queries = img if direction == "i2t" else txt
+        index = self.build_index()._faiss["caption" if direction == "i2t" else "image"]
         scores, idx = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
         return torch.from_numpy(scores), torch.from_numpy(idx).long()
 
@@ -416,8 +436,8 @@ class Retriever:
             if self.backend == "faiss":
                 import faiss
 
-                for what in self.features:
-                    faiss.write_index(_faiss_index(self.features[what]["model"]), str(tmp / f"{what}.faiss"))
+                for what, index in self.build_index()._faiss.items():
+                    faiss.write_index(index, str(tmp / f"{what}.faiss"))
         return directory
 
     @classmethod
