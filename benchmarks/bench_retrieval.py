@@ -71,7 +71,7 @@ def main() -> None:
         res = {"build_s": build}
         for q in args.queries:
             caps = [str(i) for i in range(q)]
-            res[f"query_{q}_ms"] = 1000 * _time(lambda caps=caps: r.search_images(caps, k=args.k), args.repeats)
+            res[f"query_{q}_ms"] = 1000 * _time(lambda r=r, caps=caps: r.search_images(caps, k=args.k), args.repeats)
         answers[backend] = r.search_images([str(i) for i in range(max(args.queries))], k=args.k).indices
         out["results"][backend] = res
     if "faiss" in answers:

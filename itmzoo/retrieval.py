@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .features import Features, cat_features, features_len, features_to, slice_features
+from .features import Features, cat_features, features_len, features_to
 
 __all__ = ["Retriever", "SearchResult", "encode_captions", "encode_images", "faiss_available", "prepare_image"]
 

@@ -48,7 +48,7 @@ def trained_toy(data) -> ITMModel:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     model.train()
-    for step in range(60):
+    for _ in range(60):
         idx = torch.randperm(len(pairs), generator=g)[:32].tolist()
         loss = model(collate([pairs[j] for j in idx]))["loss"]
         opt.zero_grad()
@@ -252,7 +252,8 @@ def test_cli_index_then_search_by_text_and_by_image(tmp_path, capsys, data):
     out = tmp_path / "idx"
     assert main(["index", str(out), "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC, "--quiet"]) == 0
     assert "indexed 10 images, 50 captions with toy_vse" in capsys.readouterr().out
-    assert main(["index", str(out), "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC]) == 1  # exists: refused
+    # the directory exists now: refused without --force
+    assert main(["index", str(out), "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC]) == 1
     assert "--force" in capsys.readouterr().err
     assert main(["search", str(out), "a red circle", "-k", "3", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -275,7 +276,8 @@ def test_cli_index_folder_and_captions_file(tmp_path, capsys):
     assert main(["index", str(tmp_path / "idx"), "--model", "toy_vse", "--set", "img_dim=16", "--images",
                  str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.txt"), "--quiet"]) == 0
     ids = json.loads((tmp_path / "idx" / "ids.json").read_text())
-    assert ids["image_ids"] == ["im0.npy", "im1.npy", "im2.npy"] and ids["captions"] == ["a red circle", "a blue square"]
+    assert ids["image_ids"] == ["im0.npy", "im1.npy", "im2.npy"]
+    assert ids["captions"] == ["a red circle", "a blue square"]
     capsys.readouterr()
     assert main(["search", str(tmp_path / "idx"), "--image", str(tmp_path / "imgs" / "im1.npy"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
@@ -283,8 +285,9 @@ def test_cli_index_folder_and_captions_file(tmp_path, capsys):
 
 
 def test_cli_eval_saves_sims_and_ranks_that_give_its_metrics(tmp_path, capsys):
-    args = ["eval", "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC, "--quiet", "--out", str(tmp_path / "m.json"),
-            "--save-sims", str(tmp_path / "s.npz"), "--save-ranks", str(tmp_path / "r.json")]
+    args = ["eval", "--model", "toy_vse", "--set", "img_dim=16", "--data", SPEC, "--quiet",
+            "--out", str(tmp_path / "m.json"), "--save-sims", str(tmp_path / "s.npz"),
+            "--save-ranks", str(tmp_path / "r.json")]
     assert main(args) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
@@ -378,7 +381,8 @@ def test_eval_of_a_tag_prints_the_difference_to_its_expected_metrics(tmp_path, c
     expected = {"full.t2i_r1": 50.0, "full.rsum": 300.0, "f30k-1k.t2i_r1": 90.0}
     register_model("expected_toy", config=ToyVSEConfig, input_kind="regions", scoring="embedding",
                    tags={"demo": Tag(overrides={"img_dim": 16}, expected=expected)})(lambda cfg: ToyVSE(cfg))
-    assert main(["eval", "--model", "expected_toy.demo", "--data", SPEC, "--quiet", "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["eval", "--model", "expected_toy.demo", "--data", SPEC, "--quiet",
+                 "--out", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     rows = {r["metric"]: r for r in metrics["expected_comparison"]["rows"]}

@@ -242,8 +242,9 @@ def _train_and_score(run: RunConfig, model: Any, splits: Mapping[str, Any], out:
     from ..eval.html import write_report
 
     try:
+        title = f"{metrics.get('model', 'model')}: {name} split of {out.name}"
         report: Any = write_report(out / "report", {**metrics, "checkpoint": record["checkpoint"]}, split,
-                                   metrics["sims"], title=f"{metrics.get('model', 'model')}: {name} split of {out.name}")
+                                   metrics["sims"], title=title)
     except Exception as e:  # noqa: BLE001  the run and its metrics are saved; a report failure must not hide them
         report = f"not written ({type(e).__name__}: {e})"
     if verbose:
