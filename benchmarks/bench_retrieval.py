@@ -64,9 +64,8 @@ def main() -> None:
     out: dict = {"n": args.n, "dim": args.dim, "k": args.k, "threads": torch.get_num_threads(), "results": {}}
     answers = {}
     for backend in backends:
-        feats = {"image": {"model": gallery}}
         t0 = time.perf_counter()
-        r = Retriever(model, backend=backend, image_ids=list(range(args.n)), _features=feats).build_index()
+        r = Retriever.from_features(model, image_features=gallery, backend=backend).build_index()
         build = time.perf_counter() - t0
         res = {"build_s": build}
         for q in args.queries:

@@ -274,6 +274,19 @@ class Retriever:
         return cls(model, images=split.images, captions=split.captions,
                    image_ids=list(split.image_ids) if split.image_ids is not None else None, **kwargs)
 
+    @classmethod
+    def from_features(cls, model: Any, image_features: Features | None = None, caption_features: Features | None = None,
+                      **kwargs: Any) -> "Retriever":
+        """A gallery of features already encoded by `model` (e.g. by `encode_images`, or exported earlier).
+
+        Not for cross models with a first stage, which need both models' features (build those from inputs).
+        """
+        if kwargs.get("first_stage") is not None:
+            raise ValueError("from_features does not take first_stage; give the raw gallery to Retriever(...)")
+        feats = {w: {"model": f} for w, f in (("image", image_features), ("caption", caption_features))
+                 if f is not None}
+        return cls(model, _features=feats, **kwargs)
+
     # -- encoding: the model's own features plus, for cross + first stage, the first stage's ---------
     def _encode_images(self, images: Any) -> dict[str, Features]:
         out = {"model": encode_images(self.model, images, self.batch_size, self.device, self.progress)}

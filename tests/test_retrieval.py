@@ -198,6 +198,9 @@ def test_cross_model_all_pairs_and_with_a_first_stage(data, trained_toy):
         torch.testing.assert_close(few.scores[q], full[row, q], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="first_stage is for cross models"):
         Retriever(trained_toy, first_stage=trained_toy)
+    # a gallery of exported features answers as the one encoded from inputs
+    again = Retriever.from_features(lhsc, image_features=encode_images(lhsc, split.images))
+    assert torch.equal(again.search_images(queries, k=4).indices, all_pairs.indices)
 
 
 def test_two_stage_model_ranks_as_the_re_ranked_evaluation(data):
