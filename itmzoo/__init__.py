@@ -14,9 +14,12 @@ from ._version import __version__
 from .registry import add_model_config, list_models, model_info, register_model  # noqa: E402  (light)
 
 __all__ = [
+    "Retriever",
     "__version__",
     "add_model_config",
     "build",
+    "encode_captions",
+    "encode_images",
     "evaluate",
     "list_models",
     "load",
@@ -31,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in ("Retriever", "encode_captions", "encode_images"):
+        from . import retrieval
+
+        return getattr(retrieval, name)
     if name == "evaluate":
         from .eval import evaluate
 

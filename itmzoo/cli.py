@@ -1,4 +1,4 @@
-"""Command line: ``itmzoo list | info | train | eval | convert | data check``.
+"""Command line: ``itmzoo list | info | train | eval | convert | index | search | data check``.
 
 Errors print one line (``itmzoo <command>: error: <Type>: <message>``) and exit with status 1;
 ``--debug`` (before or after the command) shows the traceback instead.
@@ -183,7 +183,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     opts = eval_options(protocol=args.protocol, batch_size=args.batch_size, text_batch_size=args.text_batch_size,
                         block=tuple(args.block) if args.block else None, rerank_k=args.rerank_k,
                         pair_batch_size=args.pair_batch_size, amp=args.amp,
-                        progress=not args.quiet and sys.stderr.isatty())
+                        progress=not args.quiet and sys.stderr.isatty(),
+                        return_sims=bool(args.save_sims or args.save_ranks or args.report))
     spec = parse_data_spec(args.data)
     if args.pretrained and Path(args.pretrained).is_file():
         raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
@@ -228,7 +229,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if not main:
         return 0
-    metrics.pop("sims", None)
+    sims = metrics.pop("sims", None)
+    for path, writer in ((args.save_sims, _save_sims), (args.save_ranks, _save_ranks)):
+        if path:
+            writer(path, sims, split, metrics["protocol"])
+            print(f"wrote {path}")
+    if args.report:
+        from .eval.html import write_report
+
+        page = write_report(args.report, {**metrics, "checkpoint": str(source)}, split, sims)
+        print(f"report: {page}")
     metrics["checkpoint"] = str(source)
     print(f"{getattr(split, 'name', '') or 'split'} ({metrics['protocol']}, {metrics['n_images']} images, "
           f"{metrics['n_captions']} captions): {format_metrics(metrics)}")
@@ -237,12 +247,196 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"two-stage: k = {ts['rerank_k']}; first stage alone: {format_metrics(ts['first_stage'])}")
     if args.chance:
         print(f"chance level: {format_metrics(chance_metrics(split.caption_to_image))}")
+    expected = _expected_of(args.model, bool(args.checkpoint)) if args.model else {}
+    if expected:
+        from .eval.report import compare_expected, format_comparison
+
+        rows = compare_expected(metrics, expected[1])
+        if rows:
+            print(f"expected by {expected[0]} (under {metrics['protocol']}):\n{format_comparison(rows)}")
+            metrics["expected_comparison"] = {"tag": expected[0], "rows": rows}
+        else:
+            print(f"note: {expected[0]} states expected metrics for other protocols "
+                  f"({', '.join(sorted({k.rpartition('.')[0] for k in expected[1]}))}), not {metrics['protocol']}")
     if args.out:
         from .checkpoints.atomic import write_text_atomic
         from .jsonfmt import dumps
 
         write_text_atomic(args.out, dumps(metrics, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def _expected_of(name: str, has_checkpoint: bool) -> tuple[str, dict[str, float]] | None:
+    """``(method.tag, expected metrics)`` of a named tag (or, with a checkpoint, the default tag), if any."""
+    from .registry import get_entry, split_name
+
+    method, tag = split_name(name)
+    entry = get_entry(method)
+    tag = tag or (entry.default_tag if has_checkpoint else None)
+    if tag is None:
+        return None
+    tags = entry.tags  # get_entry imported the family module: the full declarations
+    if tag not in tags or not tags[tag].expected:
+        return None
+    return f"{entry.name}.{tag}", dict(tags[tag].expected)
+
+
+def _direction_matrices(sims: Any) -> list[dict[str, Any]]:
+    """Per fold, ``{"i2t": matrix, "t2i": matrix}`` (one matrix serves both unless the model re-ranks)."""
+    from .eval import DirectionalScores
+
+    folds = sims if isinstance(sims, list) else [sims]
+    return [{"i2t": s.i2t, "t2i": s.t2i} if isinstance(s, DirectionalScores) else {"i2t": s, "t2i": s}
+            for s in folds]
+
+
+def _npz_name(fold: int, n_folds: int, key: str) -> str:
+    return key if n_folds == 1 else f"fold{fold}_{key}"
+
+
+def _save_sims(path: str, sims: Any, split: Any, protocol: str) -> None:
+    """``--save-sims``: the ``[n_images, n_captions]`` score matrices (one per direction, per fold) as npz."""
+    import numpy as np
+
+    from .checkpoints.atomic import save_with
+
+    folds = _direction_matrices(sims)
+    arrays: dict[str, Any] = {"caption_to_image": np.asarray(split.caption_to_image)}
+    for f, d in enumerate(folds):
+        if d["i2t"] is d["t2i"]:
+            arrays[_npz_name(f, len(folds), "sims")] = d["i2t"].numpy()
+        else:
+            arrays.update({_npz_name(f, len(folds), f"sims_{k}"): v.numpy() for k, v in d.items()})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    save_with(path, write)
+
+
+def _save_ranks(path: str, sims: Any, split: Any, protocol: str) -> None:
+    """``--save-ranks``: JSON, per fold of the protocol and direction, each query's 1-based rank of its
+    ground truth (indices are positions in the split)."""
+    import numpy as np
+
+    from .checkpoints.atomic import write_text_atomic
+    from .eval import protocol_folds, retrieval_ranks
+
+    c2i = np.asarray(split.caption_to_image)
+    ids = list(split.image_ids) if split.image_ids is not None else list(range(split.num_images))
+    folds = []
+    for (f_img, caps), d in zip(protocol_folds(protocol, c2i, split.num_images), _direction_matrices(sims)):
+        sub = c2i[caps] - f_img.start
+        i2t, _ = retrieval_ranks(d["i2t"], sub)
+        _, t2i = retrieval_ranks(d["t2i"], sub)
+        folds.append({
+            "i2t": [{"image": f_img.start + i, "image_id": ids[f_img.start + i], "rank": int(r) + 1}
+                    for i, r in enumerate(i2t.tolist())],
+            "t2i": [{"caption": int(caps[j]), "image": int(c2i[caps[j]]), "caption_text": split.captions[caps[j]],
+                     "rank": int(r) + 1} for j, r in enumerate(t2i.tolist())]})
+    out = {"protocol": protocol, "rank_base": 1, "folds": folds}
+    from .jsonfmt import dumps
+
+    write_text_atomic(path, dumps(out, indent=1))
+
+
+def _model_for(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """The model of ``--pretrained DIR`` or ``--model NAME [--checkpoint FILE]`` and how an index finds it again
+    (None: random weights, which the index must carry)."""
+    from . import api
+
+    if args.pretrained and (args.model or args.checkpoint):
+        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
+    overrides = _parse_kv(args.set or [], "--set")
+    if args.pretrained:
+        if overrides:
+            raise ValueError("--set changes the config of --model; a --pretrained directory keeps its own")
+        return api.load(args.pretrained), {"pretrained": str(Path(args.pretrained).resolve())}
+    if not args.model:
+        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
+    if not args.checkpoint:
+        print(f"itmzoo index: note: no --checkpoint, indexing with random weights of '{args.model}' "
+              "(the index keeps a copy of the model)", file=sys.stderr)
+        return model, None
+    return model, {"name": args.model, "checkpoint": str(Path(args.checkpoint).resolve()), "overrides": overrides}
+
+
+def _read_captions_file(path: str) -> list[str]:
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    caps = [ln for ln in lines if ln]
+    if not caps:
+        raise ValueError(f"--captions {path}: no captions (one per line expected)")
+    return caps
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import torch
+
+    from .retrieval import Retriever, image_files
+
+    if not (args.images or args.data or args.captions):
+        raise ValueError("give a gallery: --images FOLDER, --data SPEC and/or --captions FILE")
+    if args.data and (args.images or args.captions):
+        raise ValueError("--data gives both images and captions; do not combine it with --images/--captions")
+    out = Path(args.out)
+    if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; choose another directory or pass --force to replace it")
+    model, source = _model_for(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    progress = not args.quiet and sys.stderr.isatty()
+    kw = dict(batch_size=args.batch_size, device=device, progress=progress, backend=args.backend)
+    extra: dict[str, Any] = {}
+    if args.data:
+        from .data import load_split
+
+        spec = parse_data_spec(args.data)
+        split = load_split(dict(spec))
+        retriever = Retriever.from_split(model, split, **kw)
+        extra["data"] = spec
+    else:
+        images = ids = None
+        if args.images:
+            files = image_files(args.images)
+            images, ids = files, [str(f.relative_to(args.images)) for f in files]
+            extra["image_root"] = str(Path(args.images).resolve())
+        captions = _read_captions_file(args.captions) if args.captions else None
+        retriever = Retriever(model, images=images, captions=captions, image_ids=ids, **kw)
+    retriever.save(out, model_source=source, extra=extra)
+    counts = {w: len(retriever.image_ids or []) if w == "image" else len(retriever.caption_ids or [])
+              for w in retriever.features}
+    print(f"indexed {', '.join(f'{n} {w}s' for w, n in counts.items())} with {model.registry_name} "
+          f"({model.scoring}, {retriever.backend}) -> {out}")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from .retrieval import Retriever
+
+    if bool(args.query) == bool(args.image):
+        raise ValueError('give one query: a caption ("a red circle") or --image PATH')
+    retriever = Retriever.load(args.index, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    retriever.model.to(retriever.device).eval()
+    if args.image:
+        res = retriever.search_captions([args.image], k=args.k)
+    else:
+        res = retriever.search_images([args.query], k=args.k)
+    hits = res.to_list()[0]
+    if args.json:
+        print(json.dumps({"query": args.query or args.image, "direction": "i2t" if args.image else "t2i",
+                          "results": hits}, indent=2, default=str))
+        return 0
+    for h in hits:
+        what = h.get("caption", h["id"])
+        print(f"{h['rank']:>3}  {h['score']:+.4f}  {what}")
     return 0
 
 
@@ -350,7 +544,42 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--seed", type=int, default=0, help="seed of random weights and of random draws while scoring")
     pe.add_argument("--chance", action="store_true", help="also print the recall of a random ranking")
     pe.add_argument("--quiet", action="store_true", help="no progress bars")
+    pe.add_argument("--save-sims", dest="save_sims", metavar="FILE.npz",
+                    help="write the score matrices [n_images, n_captions] (per direction for two-stage models)")
+    pe.add_argument("--save-ranks", dest="save_ranks", metavar="FILE.json",
+                    help="write each query's 1-based rank of its ground truth, per direction")
+    pe.add_argument("--report", metavar="DIR",
+                    help="write an HTML report (metrics, R@K curves, example queries with thumbnails) into DIR")
     pe.set_defaults(func=_cmd_eval)
+
+    px = sub.add_parser("index", parents=[common], help="encode a gallery into an index directory",
+                        description="Encode a gallery (a folder of images, a data split and/or a captions file, "
+                                    "one caption per line) once; `itmzoo search` then queries it.")
+    px.add_argument("out", help="index directory to write (atomically)")
+    px.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
+    px.add_argument("--checkpoint", help="checkpoint file or native directory for --model")
+    px.add_argument("--pretrained", help="native directory (save_pretrained, DIR/best of a run)")
+    px.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    px.add_argument("--images", help="folder of pictures (pixel models) or .npy region arrays (region models)")
+    px.add_argument("--captions", help="text file, one caption per line")
+    px.add_argument("--data", help="a split as for itmzoo eval: 'format=synthetic,split=test', a YAML mapping or file")
+    px.add_argument("--backend", choices=["auto", "torch", "faiss"], default="auto",
+                    help="embedding models: FAISS index when installed (auto) or exact torch search")
+    px.add_argument("--batch-size", dest="batch_size", type=int, help="images/captions per encode call")
+    px.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    px.add_argument("--seed", type=int, default=0, help="seed of random weights (no checkpoint)")
+    px.add_argument("--force", action="store_true", help="replace an existing index directory")
+    px.add_argument("--quiet", action="store_true", help="no progress bars")
+    px.set_defaults(func=_cmd_index)
+
+    ps = sub.add_parser("search", parents=[common], help="query an index by text or by image")
+    ps.add_argument("index", help="directory written by itmzoo index")
+    ps.add_argument("query", nargs="?", help="a caption: finds images")
+    ps.add_argument("--image", help="a picture (or .npy region array): finds captions")
+    ps.add_argument("-k", type=int, default=5, help="results per query")
+    ps.add_argument("--json", action="store_true", help="print the results as JSON")
+    ps.add_argument("--device", help="cpu, cuda (default: cuda if available)")
+    ps.set_defaults(func=_cmd_search)
 
     pc = sub.add_parser("convert", parents=[common], help="convert an official checkpoint to a native directory")
     pc.add_argument("name", help="registry name, e.g. lhsc or esa_bigru.f30k")

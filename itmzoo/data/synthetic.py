@@ -318,6 +318,10 @@ class SyntheticImages(Sequence):
         for k in range(len(self)):
             yield self[k]
 
+    def picture(self, i: int):
+        """The rendered PIL picture of image `i`, also for region features (reports show it as a thumbnail)."""
+        return self.dataset.render(self.split, int(self.indices[i]))
+
     def select(self, indices: Sequence[int] | np.ndarray) -> "SyntheticImages":
         """The images at `indices` (positions in this sequence), still lazy."""
         return SyntheticImages(self.dataset, self.split, self.kind, self.indices[np.asarray(indices, dtype=np.int64)])

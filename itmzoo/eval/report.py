@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["chance_metrics", "format_metrics"]
+__all__ = ["chance_metrics", "compare_expected", "format_comparison", "format_metrics"]
 
 
 def chance_metrics(caption_to_image: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -30,3 +30,26 @@ def format_metrics(m: Mapping[str, Any]) -> str:
     """One line of the six recalls and rsum."""
     return (f"i2t R@1 {m['i2t_r1']:.1f}  R@5 {m['i2t_r5']:.1f}  R@10 {m['i2t_r10']:.1f} | "
             f"t2i R@1 {m['t2i_r1']:.1f}  R@5 {m['t2i_r5']:.1f}  R@10 {m['t2i_r10']:.1f} | rsum {m['rsum']:.1f}")
+
+
+def compare_expected(metrics: Mapping[str, Any], expected: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The expected metrics of a tag (``"protocol.metric": value``) that this evaluation's protocol measured,
+    each with what was measured and the difference (measured - expected)."""
+    protocol = metrics.get("protocol", "full")
+    rows = []
+    for key, want in expected.items():
+        proto, _, metric = key.rpartition(".")
+        if proto and proto != protocol:
+            continue
+        if metric in metrics:
+            got = float(metrics[metric])
+            rows.append({"metric": metric, "protocol": protocol, "expected": float(want), "measured": got,
+                         "difference": got - float(want)})
+    return rows
+
+
+def format_comparison(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Lines ``metric  expected  measured  difference`` of `compare_expected`."""
+    lines = [f"{'metric':<10}{'expected':>10}{'measured':>10}{'diff':>9}"]
+    lines += [f"{r['metric']:<10}{r['expected']:>10.2f}{r['measured']:>10.2f}{r['difference']:>+9.2f}" for r in rows]
+    return "\n".join(lines)

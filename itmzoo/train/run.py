@@ -226,7 +226,7 @@ def _train_and_score(run: RunConfig, model: Any, splits: Mapping[str, Any], out:
     best = out / "best"
     final_model = api.load(best, device=trainer.device) if (best / "config.json").is_file() else model
     split = splits[name]
-    opts = dataclasses.replace(run.eval, device=str(trainer.device), progress=False, return_sims=False)
+    opts = dataclasses.replace(run.eval, device=str(trainer.device), progress=False, return_sims=True)
     with torch.random.fork_rng(devices=[]):
         protocol = run.eval.protocol if name == "test" else (run.eval.dev_protocol or "full")
         metrics = evaluate(final_model, split, protocol, options=opts)
@@ -239,10 +239,19 @@ def _train_and_score(run: RunConfig, model: Any, splits: Mapping[str, Any], out:
               "train_seconds": seconds, "chance": chance, "seed": run.train.seed}
     record = round_floats(record)
     write_text_atomic(out / "metrics.json", dumps(record, indent=2))
+    from ..eval.html import write_report
+
+    try:
+        title = f"{metrics.get('model', 'model')}: {name} split of {out.name}"
+        report: Any = write_report(out / "report", {**metrics, "checkpoint": record["checkpoint"]}, split,
+                                   metrics["sims"], title=title)
+    except Exception as e:  # noqa: BLE001  the run and its metrics are saved; a report failure must not hide them
+        report = f"not written ({type(e).__name__}: {e})"
     if verbose:
         print(f"{name} ({metrics['protocol']}, {metrics['n_images']} images, {metrics['n_captions']} captions): "
               f"{format_metrics(metrics)}")
         print(f"chance level: {format_metrics(chance)}")
         print(f"trained {result.steps} steps in {seconds:.0f} s; wrote {out}/metrics.json, best/ (epoch "
               f"{result.best_epoch}), log.jsonl")
+        print(f"report: {report} (open it in a browser)")
     return record
