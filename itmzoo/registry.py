@@ -18,7 +18,6 @@ import difflib
 import fnmatch
 import importlib
 import json
-import pkgutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -385,19 +384,6 @@ def add_model_config(path: str | Path) -> str:
     return name
 
 
-def builtin_index() -> dict[str, dict[str, Any]]:
-    """The index records of every method declared in ``itmzoo.models`` (imports every model module)."""
-    import itmzoo.models as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"itmzoo.models.{info.name}")
+def builtin_records() -> dict[str, dict[str, Any]]:
+    """The index records of the built-in methods registered so far (their modules imported)."""
     return {n: e.index_record() for n, e in sorted(_REGISTRY.items()) if e.target and e.fn is not None}
-
-
-def write_index(path: str | Path = INDEX_PATH) -> Path:
-    """Regenerate the built-in index from the modules' declarations."""
-    path = Path(path)
-    path.write_text(json.dumps(builtin_index(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-

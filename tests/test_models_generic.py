@@ -153,7 +153,8 @@ def test_save_load_blockwise_scores_and_picklable_collates(name, hf_tokenizer_di
 
 def test_the_lazy_model_index_is_current():
     """`import itmzoo` lists models from a generated index; it must equal the modules' declarations."""
-    from itmzoo.registry import INDEX_COMMAND, INDEX_PATH, builtin_index
+    from itmzoo.models import builtin_index
+    from itmzoo.registry import INDEX_COMMAND, INDEX_PATH
 
     committed = json.loads(INDEX_PATH.read_text(encoding="utf-8"))
     assert committed == json.loads(json.dumps(builtin_index())), f"stale itmzoo/models/index.json: run {INDEX_COMMAND}"
@@ -166,3 +167,12 @@ def test_a_stale_index_entry_is_refused(monkeypatch):
     monkeypatch.setitem(R._INDEX, "toy_vse", stale)
     with pytest.raises(R.RegistryError, match="out of date.*--write-index"):
         R.check_against_index(R.get_entry("toy_vse"))
+
+
+@pytest.mark.parametrize("name", ["toy_vse", "lhsc"])
+def test_raw_inputs_to_the_encoders_get_a_clear_error(name, hf_tokenizer_dir):
+    model = tiny_model(name, hf_tokenizer_dir)
+    with pytest.raises(TypeError, match=r"encode_text takes a collated batch.*itmzoo\.encode_captions"):
+        model.encode_text(["a red circle"])
+    with pytest.raises(TypeError, match=r"encode_image takes a collated batch.*itmzoo\.encode_images"):
+        model.encode_image(torch.zeros(2, 36, 16))

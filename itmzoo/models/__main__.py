@@ -2,7 +2,8 @@
 
 import sys
 
-from ..registry import INDEX_COMMAND, write_index
+from ..registry import INDEX_COMMAND
+from . import write_index
 
 if sys.argv[1:] != ["--write-index"]:
     raise SystemExit(f"usage: {INDEX_COMMAND}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -38,6 +39,21 @@ class EvalSettings:
 ACCUMULATION_POLICIES = ("exact", "naive", "refuse")
 
 
+def _takes_a_batch(fn: Callable[..., Any], name: str, helper: str) -> Callable[..., Any]:
+    """Wrap an encoder so raw inputs (a list of captions, a PIL image) get a clear error, not a TypeError deep
+    inside the model: the contract's encoders take collated batch dicts."""
+
+    @functools.wraps(fn)
+    def checked(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"{type(self).__name__}.{name} takes a collated batch dict of tensors, got "
+                            f"{type(batch).__name__}; for raw inputs use {helper}")
+        return fn(self, batch, *args, **kwargs)
+
+    checked._checks_batch = True  # type: ignore[attr-defined]
+    return checked
+
+
 class ITMModel(nn.Module):
     """Base class of every itmzoo model: the whole contract the trainer, evaluator and CLI use.
 
@@ -62,6 +78,14 @@ class ITMModel(nn.Module):
     # parameter-name globs that get no gradient by design (weights that are dead upstream too, kept so
     # the authors' checkpoints load strictly); the generic model test allows exactly these
     unused_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, helper in (("encode_text", "itmzoo.encode_captions(model, captions)"),
+                             ("encode_image", "itmzoo.encode_images(model, images)")):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_checks_batch", False):
+                setattr(cls, name, _takes_a_batch(fn, name, helper))
 
     def __init__(self, config: Any) -> None:
         super().__init__()
