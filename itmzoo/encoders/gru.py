@@ -19,9 +19,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..features import sequence_mask
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["WordGRUEncoder", "esa_glove_key", "glove_candidates", "init_embedding_from_glove", "load_glove",
            "sequence_mask"]

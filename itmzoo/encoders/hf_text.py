@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["HFTextError", "WordPieceSplitter", "augment_word_pieces", "build_hf_text_model", "load_hf_tokenizer"]
+__all__ = ["HFTextError", "WordPieceSplitter", "augment_word_pieces", "build_hf_text_model", "encode_word_pieces",
+           "load_hf_tokenizer"]
 
 
 class HFTextError(RuntimeError):
@@ -81,13 +82,17 @@ class WordPieceSplitter:
         return [self.pieces(w) for w in self.words(text)]
 
 
-def augment_word_pieces(splitter: WordPieceSplitter, caption: str, rng: Any, prob: float = 0.2) -> list[int]:
+def augment_word_pieces(splitter: WordPieceSplitter, caption: str, rng: Any, prob: float = 0.2,
+                        random_ids: Sequence[int] | None = None) -> list[int]:
     """VSE-infinity's whole-word caption augmentation: ``[CLS] + altered pieces + [SEP]``.
 
     One ``rng.random()`` per basic word; with probability `prob` the word is altered: (draw rescaled to
-    [0, 1)) < 0.5 masks every piece, < 0.6 replaces every piece by a random vocabulary entry (one
-    ``rng.choice`` per piece, over the whole vocabulary in id order), otherwise the word is deleted.
+    [0, 1)) < 0.5 masks every piece, < 0.6 replaces every piece by a random entry of `random_ids` (one
+    ``rng.choice`` per piece; default: the whole vocabulary in id order, special tokens included, as
+    upstream), otherwise the word is deleted (upstream's comment says "keep"; its code deletes).
+    ESA-BERT, ESL and SCTA all augment this way.
     """
+    pool = splitter.ids_in_vocab_order if random_ids is None else random_ids
     out: list[int] = []
     for pieces in splitter(caption):
         p = rng.random()
@@ -96,7 +101,12 @@ def augment_word_pieces(splitter: WordPieceSplitter, caption: str, rng: Any, pro
             if p < 0.5:
                 out.extend([splitter.mask_id] * len(pieces))
             elif p < 0.6:
-                out.extend(rng.choice(splitter.ids_in_vocab_order) for _ in pieces)
+                out.extend(rng.choice(pool) for _ in pieces)
         else:
             out.extend(pieces)
     return [splitter.cls_id, *out, splitter.sep_id]
+
+
+def encode_word_pieces(splitter: WordPieceSplitter, caption: str) -> list[int]:
+    """``[CLS] + every word's pieces + [SEP]`` (no truncation), as the BERT-based methods tokenise."""
+    return [splitter.cls_id, *(i for word in splitter(caption) for i in word), splitter.sep_id]

@@ -35,7 +35,13 @@ from ..data.transforms import RegionTransform
 from ..data.vocab import Vocab, pad_ids, word_tokenize
 from ..encoders.backbones import load_pretrained_weights
 from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
-from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
+from ..encoders.hf_text import (
+    WordPieceSplitter,
+    augment_word_pieces,
+    build_hf_text_model,
+    encode_word_pieces,
+    load_hf_tokenizer,
+)
 from ..encoders.regions import RegionFeatureEncoder, region_mask, xavier_linear_
 from ..losses import hinge_costs, l2norm
 from ..registry import Tag, register_model
@@ -329,25 +335,11 @@ class ESABertTokenizer(_AugmentingTokenizer):
         self.pad_id = self.splitter.pad_id
 
     def encode(self, caption: str) -> list[int]:
-        sp = self.splitter
-        return [sp.cls_id, *(i for word in sp(caption) for i in word), sp.sep_id]
+        return encode_word_pieces(self.splitter, caption)
 
     def augment(self, caption: str, rng: Any) -> list[int]:
-        sp = self.splitter
-        out: list[int] = []
-        for pieces in sp(caption):
-            p = rng.random()
-            if p < self.aug_prob:
-                p /= self.aug_prob
-                if p < 0.5:
-                    out.extend([sp.mask_id] * len(pieces))
-                elif p < 0.6:
-                    # random.choice over the vocabulary in file order, one draw per piece (any token)
-                    out.extend(rng.choice(sp.ids_in_vocab_order) for _ in pieces)
-                # else: the word is deleted (upstream's comment says "keep"; its code deletes)
-            else:
-                out.extend(pieces)
-        return [sp.cls_id, *out, sp.sep_id]
+        # random replacement draws over the whole vocabulary in file order, special tokens included
+        return augment_word_pieces(self.splitter, caption, rng, self.aug_prob)
 
 
 # ------------------------------------------------------------------------------------------------- model

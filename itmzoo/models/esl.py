@@ -51,7 +51,13 @@ from ..config import ConfigError, ModelConfig
 from ..data.transforms import RegionTransform
 from ..data.vocab import pad_ids
 from ..encoders.backbones import load_pretrained_weights
-from ..encoders.hf_text import WordPieceSplitter, build_hf_text_model, load_hf_tokenizer
+from ..encoders.hf_text import (
+    WordPieceSplitter,
+    augment_word_pieces,
+    build_hf_text_model,
+    encode_word_pieces,
+    load_hf_tokenizer,
+)
 from ..encoders.regions import RegionFeatureEncoder
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, expected_recalls, register_model
@@ -422,24 +428,10 @@ class ESLBertTokenizer:
         self.random_ids = ids
 
     def encode(self, caption: str) -> list[int]:
-        sp = self.splitter
-        return [sp.cls_id, *(i for word in sp(caption) for i in word), sp.sep_id]
+        return encode_word_pieces(self.splitter, caption)
 
     def augment(self, caption: str, rng: Any) -> list[int]:
-        sp = self.splitter
-        out: list[int] = []
-        for pieces in sp(caption):
-            p = rng.random()
-            if p < self.aug_prob:
-                p /= self.aug_prob
-                if p < 0.5:
-                    out.extend([sp.mask_id] * len(pieces))
-                elif p < 0.6:
-                    out.extend(rng.choice(self.random_ids) for _ in pieces)
-                # else: deleted (upstream's comment says "keep"; its code deletes)
-            else:
-                out.extend(pieces)
-        return [sp.cls_id, *out, sp.sep_id]
+        return augment_word_pieces(self.splitter, caption, rng, self.aug_prob, self.random_ids)
 
     def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
         if isinstance(captions, str):

@@ -54,6 +54,7 @@ from ..encoders.hf_text import (
     WordPieceSplitter,
     augment_word_pieces,
     build_hf_text_model,
+    encode_word_pieces,
     load_hf_tokenizer,
 )
 from ..encoders.vit import VIT_ARCH, build_vit, vit_state_for
@@ -242,8 +243,7 @@ class SCTATokenizer:
         return self._splitter
 
     def encode(self, caption: str) -> list[int]:
-        sp = self.splitter
-        return [sp.cls_id, *(i for word in sp(caption) for i in word), sp.sep_id]
+        return encode_word_pieces(self.splitter, caption)
 
     def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
         if isinstance(captions, str):

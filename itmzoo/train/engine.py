@@ -20,14 +20,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as D
 from ..config import ConfigError, config_from_dict, config_to_dict
 from ..data.split import RetrievalSplit
+from ..eval.options import EvalOptions, eval_options
 from ..eval.similarity import autocast_context
 from ..features import cat_features, features_to
 from ..models.base import ACCUMULATION_POLICIES
-from .. import distributed as D
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from ..eval.options import EvalOptions, eval_options
 from .config import TrainConfig
 from .data import make_train_loader, merge_batches
 from .logs import JsonlLog, TensorBoardLog
