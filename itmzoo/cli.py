@@ -470,7 +470,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from .data.check import check_data
-    from .models.esa import SCAN_VOCAB_SHA256
+    from .data.vocab import SCAN_VOCAB_SHA256
 
     report = check_data(args.path, vocab=args.vocab, image_root=args.images, known_vocabs=SCAN_VOCAB_SHA256)
     print(f"itmzoo data check {args.path}")

@@ -18,7 +18,7 @@ import torch
 
 from ..features import sequence_mask
 
-__all__ = ["SPECIALS", "Vocab", "word_tokenize"]
+__all__ = ["SCAN_VOCAB_SHA256", "SPECIALS", "Vocab", "load_scan_vocab", "word_tokenize"]
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 
@@ -144,3 +144,36 @@ def pad_ids(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, torch.T
             ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
     mask = sequence_mask(lengths, L).long()
     return {"input_ids": ids, "attention_mask": mask, "lengths": lengths}
+
+
+#: `Vocab.sha256` of SCAN's vocabulary files (identical blobs in SCAN, SGRAF, LHSC and the VSE-infinity
+#: family: ``vocab/{f30k,coco}_precomp_vocab.json``); a different file gives different word ids
+SCAN_VOCAB_SHA256 = {
+    "f30k": "5c5c542884188fffb3b3ed151be62b60d301d19bb50ee5c6b80cbae1328290bd",
+    "coco": "2a317734d6702f94e4d01bf348a95167cdebb14598b36abd7c18ab1437d415bc",
+}
+
+
+def load_scan_vocab(path: str | Path | None, *, model: str, vocab_size: int | None = None,
+                    sha256: str | None = None, extra_words: Sequence[str] = ()) -> "Vocab":
+    """A SCAN vocabulary checked against the model that will use it.
+
+    `extra_words` are appended after the file's ids (ESA's ``<mask>``); the id count must then equal
+    the model's embedding rows `vocab_size` (when given) and the file's id table must match `sha256`
+    (when given). Every failure is one error naming the file and what was expected.
+    """
+    if not path:
+        raise ValueError(f"{model} needs its SCAN vocabulary to tokenise captions: set vocab_path, e.g. "
+                         f"itmzoo.build('{model}', vocab_path='vocab/f30k_precomp_vocab.json')")
+    vocab = Vocab.load(path)
+    if sha256 and vocab.sha256() != sha256:
+        raise ValueError(f"{path}: vocabulary checksum {vocab.sha256()} differs from the expected {sha256} "
+                         "(a different vocabulary gives wrong word ids)")
+    n_file = len(vocab)
+    for w in extra_words:
+        vocab.add_word(w)
+    if vocab_size is not None and len(vocab) != vocab_size:
+        extra = f" + {', '.join(extra_words)}" if extra_words else ""
+        raise ValueError(f"{path}: {n_file} ids{extra} = {len(vocab)}, but the {model} embedding has "
+                         f"vocab_size={vocab_size} rows")
+    return vocab

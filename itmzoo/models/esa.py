@@ -32,7 +32,7 @@ from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
-from ..data.vocab import Vocab, pad_ids, word_tokenize
+from ..data.vocab import SCAN_VOCAB_SHA256, Vocab, load_scan_vocab, pad_ids, word_tokenize
 from ..encoders.backbones import load_pretrained_weights
 from ..encoders.gru import WordGRUEncoder, glove_candidates, init_embedding_from_glove, load_glove, sequence_mask
 from ..encoders.hf_text import (
@@ -389,20 +389,9 @@ class ESA(ITMModel):
     def load_vocab(self) -> Vocab:
         """The SCAN vocabulary of `config.vocab_path` plus ``<mask>``, checked against the model."""
         cfg = self.config
-        if not cfg.vocab_path:
-            raise ValueError(
-                "esa_bigru needs its SCAN vocabulary to tokenise captions: set vocab_path, e.g. "
-                "itmzoo.build('esa_bigru', vocab_path='vocab/f30k_precomp_vocab.json')"
-            )
-        vocab = Vocab.load(cfg.vocab_path)
-        if cfg.vocab_sha256 and vocab.sha256() != cfg.vocab_sha256:
-            raise ValueError(f"{cfg.vocab_path}: vocabulary checksum {vocab.sha256()} differs from the expected "
-                             f"{cfg.vocab_sha256} (a different vocabulary gives wrong word ids)")
-        vocab.add_word(MASK_TOKEN)  # upstream appends it at run time: vocab_size = json size + 1
-        if len(vocab) != cfg.vocab_size:
-            raise ValueError(f"{cfg.vocab_path}: {len(vocab) - 1} words + <mask> = {len(vocab)} ids, but the model's "
-                             f"embedding has vocab_size={cfg.vocab_size} rows")
-        return vocab
+        # upstream appends <mask> at run time: vocab_size = the json's ids + 1
+        return load_scan_vocab(cfg.vocab_path, model="esa_bigru", vocab_size=cfg.vocab_size, sha256=cfg.vocab_sha256,
+                               extra_words=(MASK_TOKEN,))
 
     def save_assets(self, directory: Path) -> dict[str, Any]:
         """BiGRU: the vocabulary in use (file or in memory) as ``vocab.json``; BERT: the tokenizer files in
@@ -576,12 +565,7 @@ def convert_official(obj: Any, variant: str | None = None) -> tuple[dict[str, An
 
 # -------------------------------------------------------------------------------------------- tags + names
 
-# Word-id tables of SCAN's vocabularies (`Vocab.sha256` of the json, before <mask> is appended).
 # Checked on the copies in Paranioar/SGRAF @ 50d0c6f9 (vocab/): 8481 and 11353 words.
-SCAN_VOCAB_SHA256 = {
-    "f30k": "5c5c542884188fffb3b3ed151be62b60d301d19bb50ee5c6b80cbae1328290bd",
-    "coco": "2a317734d6702f94e4d01bf348a95167cdebb14598b36abd7c18ab1437d415bc",
-}
 
 _DRIVE = "Google Drive folder linked from the README of " + UPSTREAM
 _PAPER_NOTE = ("expected = paper, single model (ESA); the README table lists the 2-model ensemble ESA*, "

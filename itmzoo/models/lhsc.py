@@ -36,6 +36,7 @@ from ..checkpoints.safe import CheckpointError
 from ..config import ConfigError, ModelConfig
 from ..data.synthetic import SYNTHETIC_VOCAB
 from ..data.transforms import RegionTransform
+from ..data.vocab import SCAN_VOCAB_SHA256, Vocab, load_scan_vocab
 from ..encoders.regions import xavier_linear_
 from ..features import sequence_mask
 from ..layers.cross_attention import context_scale, region_gram, t2i_attention_packed
@@ -290,21 +291,10 @@ class LHSCTokenizer:
         self._vocab = None
 
     @property
-    def vocab(self):
+    def vocab(self) -> Vocab:
         if self._vocab is None:
-            if not self.vocab_path:
-                raise ValueError("lhsc needs its SCAN vocabulary to tokenise captions: set vocab_path, e.g. "
-                                 "itmzoo.build('lhsc.f30k', vocab_path='vocab/f30k_precomp_vocab.json')")
-            from ..data.vocab import Vocab
-
-            vocab = Vocab.load(self.vocab_path)
-            if len(vocab) != self.vocab_size:
-                raise ValueError(f"{self.vocab_path} has {len(vocab)} tokens but the model has vocab_size="
-                                 f"{self.vocab_size}")
-            if self.vocab_sha256 and vocab.sha256() != self.vocab_sha256:
-                raise ValueError(f"{self.vocab_path}: vocabulary checksum {vocab.sha256()} differs from the expected "
-                                 f"{self.vocab_sha256} (a different vocabulary gives wrong word ids)")
-            self._vocab = vocab
+            self._vocab = load_scan_vocab(self.vocab_path, model="lhsc", vocab_size=self.vocab_size,
+                                          sha256=self.vocab_sha256)
         return self._vocab
 
     def __call__(self, captions: list[str], train: bool = False) -> dict[str, torch.Tensor]:
@@ -608,11 +598,6 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     return inferred, state, []
 
 
-# `Vocab.sha256` of SCAN's vocab files (identical blobs in SCAN, SGRAF and LHSC: vocab/*_precomp_vocab.json)
-SCAN_VOCAB_SHA256 = {
-    "f30k": "5c5c542884188fffb3b3ed151be62b60d301d19bb50ee5c6b80cbae1328290bd",
-    "coco": "2a317734d6702f94e4d01bf348a95167cdebb14598b36abd7c18ab1437d415bc",
-}
 
 TAGS = {
     "f30k": Tag(
