@@ -44,7 +44,7 @@ from ..encoders.hf_text import (
 )
 from ..encoders.regions import RegionFeatureEncoder, region_mask, xavier_linear_
 from ..losses import hinge_costs, l2norm
-from ..registry import Tag, register_model
+from ..registry import Tag, expected_recalls, register_model
 from .base import ITMModel
 
 __all__ = [
@@ -575,8 +575,7 @@ TAGS_BIGRU: dict[str, Tag] = {
     "f30k": Tag(
         overrides={"vocab_size": 8482, "vocab_sha256": SCAN_VOCAB_SHA256["f30k"]}, dataset="f30k",
         source=f"{_DRIVE} (Flickr30K, BiGRU): https://drive.google.com/drive/folders/1u6McZdcu1dTXn9uS9IYH6MsrqNCdJnYo",
-        expected={"f30k-1k.i2t_r1": 82.6, "f30k-1k.i2t_r5": 95.9, "f30k-1k.i2t_r10": 98.1,
-                  "f30k-1k.t2i_r1": 61.1, "f30k-1k.t2i_r5": 85.9, "f30k-1k.t2i_r10": 91.1, "f30k-1k.rsum": 514.7,
+        expected={**expected_recalls("f30k-1k", (82.6, 95.9, 98.1, 61.1, 85.9, 91.1, 514.7)),
                   "ensemble2.f30k-1k.rsum": 520.2},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "vocab": "SCAN f30k_precomp_vocab.json + <mask>",
                        "tokenizer": "nltk word_tokenize (Punkt + Treebank) on lower-cased text"},
@@ -584,11 +583,9 @@ TAGS_BIGRU: dict[str, Tag] = {
     "coco": Tag(
         overrides={"vocab_size": 11354, "vocab_sha256": SCAN_VOCAB_SHA256["coco"]}, dataset="coco",
         source=f"{_DRIVE} (COCO, BiGRU): https://drive.google.com/drive/folders/1gXslTklR_YnkIjpF4QN-eqSFQ52yP1L_",
-        expected={"coco-1k-5fold.i2t_r1": 79.6, "coco-1k-5fold.i2t_r5": 96.5, "coco-1k-5fold.i2t_r10": 98.7,
-                  "coco-1k-5fold.t2i_r1": 63.5, "coco-1k-5fold.t2i_r5": 90.9, "coco-1k-5fold.t2i_r10": 96.1,
-                  "coco-1k-5fold.rsum": 525.3, "coco-5k.i2t_r1": 58.2, "coco-5k.i2t_r5": 84.8,
-                  "coco-5k.i2t_r10": 91.8, "coco-5k.t2i_r1": 41.2, "coco-5k.t2i_r5": 71.4, "coco-5k.t2i_r10": 82.2,
-                  "coco-5k.rsum": 429.6, "ensemble2.coco-1k-5fold.rsum": 527.6, "ensemble2.coco-5k.rsum": 433.5},
+        expected={**expected_recalls("coco-1k-5fold", (79.6, 96.5, 98.7, 63.5, 90.9, 96.1, 525.3)),
+                  **expected_recalls("coco-5k", (58.2, 84.8, 91.8, 41.2, 71.4, 82.2, 429.6)),
+                  "ensemble2.coco-1k-5fold.rsum": 527.6, "ensemble2.coco-5k.rsum": 433.5},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "vocab": "SCAN coco_precomp_vocab.json + <mask>",
                        "tokenizer": "nltk word_tokenize (Punkt + Treebank) on lower-cased text"},
         license="MIT", note=_PAPER_NOTE),
@@ -598,19 +595,16 @@ TAGS_BERT: dict[str, Tag] = {
     "f30k": Tag(
         dataset="f30k",
         source=f"{_DRIVE} (Flickr30K, BERT-base): https://drive.google.com/drive/folders/1oY-w0q64MeTB83rPRBtqPd1X4oHnkmrj",
-        expected={"f30k-1k.i2t_r1": 84.0, "f30k-1k.i2t_r5": 96.3, "f30k-1k.i2t_r10": 98.7,
-                  "f30k-1k.t2i_r1": 64.7, "f30k-1k.t2i_r5": 87.8, "f30k-1k.t2i_r10": 92.3, "f30k-1k.rsum": 523.8,
+        expected={**expected_recalls("f30k-1k", (84.0, 96.3, 98.7, 64.7, 87.8, 92.3, 523.8)),
                   "ensemble2.f30k-1k.rsum": 528.0},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "tokenizer": "bert-base-uncased, no truncation"},
         license="MIT", note=_PAPER_NOTE),
     "coco": Tag(
         dataset="coco",
         source=f"{_DRIVE} (COCO, BERT-base): https://drive.google.com/drive/folders/1yioepvwz1_59CoICBOqBt-lYnk077v5a",
-        expected={"coco-1k-5fold.i2t_r1": 80.3, "coco-1k-5fold.i2t_r5": 96.5, "coco-1k-5fold.i2t_r10": 99.0,
-                  "coco-1k-5fold.t2i_r1": 65.2, "coco-1k-5fold.t2i_r5": 91.6, "coco-1k-5fold.t2i_r10": 96.3,
-                  "coco-1k-5fold.rsum": 528.9, "coco-5k.i2t_r1": 59.2, "coco-5k.i2t_r5": 85.6,
-                  "coco-5k.i2t_r10": 92.8, "coco-5k.t2i_r1": 43.0, "coco-5k.t2i_r5": 73.1, "coco-5k.t2i_r10": 83.6,
-                  "coco-5k.rsum": 437.3, "ensemble2.coco-1k-5fold.rsum": 531.9, "ensemble2.coco-5k.rsum": 443.0},
+        expected={**expected_recalls("coco-1k-5fold", (80.3, 96.5, 99.0, 65.2, 91.6, 96.3, 528.9)),
+                  **expected_recalls("coco-5k", (59.2, 85.6, 92.8, 43.0, 73.1, 83.6, 437.3)),
+                  "ensemble2.coco-1k-5fold.rsum": 531.9, "ensemble2.coco-5k.rsum": 443.0},
         preprocessing={"regions": "BUTD 36 x 2048 (SCAN precomp)", "tokenizer": "bert-base-uncased, no truncation"},
         license="MIT", note=_PAPER_NOTE),
 }
