@@ -7,8 +7,8 @@ The machine's fp32 matrix-multiply rate is measured in the same run for referenc
 The upstream half is optional: pass an LHSC checkout (``lDarryll/LHSC``; it is imported from there, never
 copied into itmzoo) with ``--upstream PATH`` or ``ITMZOO_LHSC_UPSTREAM=PATH``. Its ``evaluation.py``
 moves shards to CUDA with ``.cuda()``; on a CPU-only machine this script makes ``Tensor.cuda`` a no-op
-for the duration of the upstream call (the same patch as the LHSC fixtures, docs/fixtures/lhsc.md). Without an upstream checkout only the itmzoo
-half runs.
+for the duration of the upstream call (the same patch as the LHSC fixtures, docs/fixtures/lhsc.md).
+Without an upstream checkout only the itmzoo half runs.
 
     python benchmarks/bench_lhsc_similarity.py [--upstream PATH] [--images 100] [--captions 500]
         [--device cpu|cuda] [--amp bf16|fp16] [--tf32] [--repeats 3] [--json out.json] [--compare-float32-norm]
@@ -38,7 +38,8 @@ D, S, R = 1024, 256, 36
 
 
 def pair_flops(lengths: np.ndarray, n_images: int) -> float:
-    """FLOPs of all pairs: 2 x (336,900·L + 263,000) multiply-adds per pair of a caption of L words (D=1024, S=256, R=36)."""
+    """FLOPs of all pairs: 2 x (336,900·L + 263,000) multiply-adds per pair of a caption of L words
+    (D=1024, S=256, R=36)."""
     return float(2 * (336_900 * lengths.astype(np.float64) + 263_000).sum() * n_images)
 
 

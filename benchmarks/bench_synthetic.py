@@ -1,7 +1,8 @@
 """How fast `SyntheticShapes` produces its data: captions up front, region features and pictures per index.
 
-Prints the time to build the captions of all splits (wall clock and CPU time of this process), and the median CPU time per image (over ``--images``
-images, after a warm-up that builds the code tables) of the region features and of the rendered picture.
+Prints the time to build the captions of all splits (wall clock and CPU time of this process), and the
+median CPU time per image (over ``--images`` images, after a warm-up that builds the code tables) of the
+region features and of the rendered picture.
 Absolute times depend on the machine and its load; the script prints the machine load next to them.
 
     python benchmarks/bench_synthetic.py [--num-images 12000] [--region-dim 2048] [--images 200]
@@ -43,7 +44,8 @@ def main() -> None:
     regions_s = per_item(lambda i: ds.regions("train", i), args.images)
     render_s = per_item(lambda i: ds.render("train", i), args.images)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"captions of {args.num_images} images ({n_caps} captions): {captions_s:.1f} s wall, {captions_cpu:.1f} s CPU")
+    print(f"captions of {args.num_images} images ({n_caps} captions): {captions_s:.1f} s wall, "
+          f"{captions_cpu:.1f} s CPU")
     print(f"region features {ds.num_regions} x {args.region_dim}: {regions_s * 1e3:.2f} ms CPU per image (median)")
     print(f"rendered picture {ds.image_size} x {ds.image_size}: {render_s * 1e3:.2f} ms CPU per image (median)")
 

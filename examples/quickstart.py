@@ -11,9 +11,8 @@ import torch
 import itmzoo
 from itmzoo.data import SyntheticShapes
 from itmzoo.data.collate import collate_images
-from itmzoo.eval import encode_split, similarity_matrix
+from itmzoo.eval import chance_metrics, encode_split, format_metrics, similarity_matrix
 from itmzoo.train import fit
-from itmzoo.eval import chance_metrics, format_metrics
 
 print(itmzoo.list_models())  # every registered method
 torch.manual_seed(0)

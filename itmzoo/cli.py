@@ -489,7 +489,8 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # --debug also after the command; SUPPRESS keeps the top-level value when it is not repeated
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
     p = argparse.ArgumentParser(prog="itmzoo", description="Image-text matching model zoo")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=f"itmzoo {_version()}")

@@ -93,7 +93,8 @@ def check_value(field: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{field}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"config field '{field}' expects {_type_name(tp)}, "
+                              f"got {value!r} ({type(value).__name__})")
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
             items = [check_value(f"{field}[{i}]", v, args[0]) for i, v in enumerate(value)]
         elif origin is tuple and args:

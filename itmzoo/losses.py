@@ -26,7 +26,8 @@ def positive_mask(n: int, image_index: torch.Tensor | None = None, device: torch
 
 
 def hinge_costs(scores: torch.Tensor, margin: float, pos_mask: torch.Tensor | None = None,
-                d_row: torch.Tensor | None = None, d_col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                d_row: torch.Tensor | None = None,
+                d_col: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cost_s, cost_im)`` of a square score matrix (rows: images, columns: captions).
 
     ``cost_s[i, j] = max(0, m + S_ij - d_row_i)`` (image i is the anchor, caption retrieval) and
@@ -56,7 +57,8 @@ def hinge_triplet_loss(scores: torch.Tensor, margin: float = 0.2, max_violation:
     return cost_s.sum() + cost_im.sum()
 
 
-def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                     logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP ITC) on L2-normalised embeddings."""
     logits = logit_scale * image_emb @ text_emb.t()
     target = torch.arange(logits.shape[0], device=logits.device)

@@ -197,7 +197,8 @@ def register_model(
     if default_tag is not None and default_tag not in (tags or {}):
         raise RegistryError(f"register_model('{name}'): default tag '{default_tag}' is not among its tags")
     try:  # a tag or a tiny build that names a wrong field fails here, at import, not in some later test
-        for label, overrides in [("tiny", tiny or {})] + [(f"tag '{t}'", tg.overrides) for t, tg in (tags or {}).items()]:
+        for label, overrides in ([("tiny", tiny or {})]
+                                 + [(f"tag '{t}'", tg.overrides) for t, tg in (tags or {}).items()]):
             _ = label
             apply_overrides(config(), overrides)
     except ConfigError as e:
@@ -254,7 +255,8 @@ def get_entry(method: str) -> ModelEntry:
             importlib.import_module(module)
         except ModuleNotFoundError as e:
             if e.name and module.startswith(e.name):
-                raise RegistryError(f"model '{method}' is declared but its module {module} is not available in this install") from e
+                raise RegistryError(f"model '{method}' is declared but its module {module} "
+                                    "is not available in this install") from e
             raise
         entry = _REGISTRY[method]
         if entry.fn is None:

@@ -35,7 +35,8 @@ def test_full_vit_b16_has_openai_names_and_parameter_count():
     # OpenAI's ViT-B-16 state dict, less its three int entries (input_resolution, context_length, vocab_size)
     assert sum(p.numel() for p in model.parameters()) == 149_620_737
     for k in ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
-              "visual.transformer.resblocks.11.attn.in_proj_weight", "visual.transformer.resblocks.11.attn.in_proj_bias",
+              "visual.transformer.resblocks.11.attn.in_proj_weight",
+              "visual.transformer.resblocks.11.attn.in_proj_bias",
               "visual.transformer.resblocks.0.attn.out_proj.weight", "visual.transformer.resblocks.0.ln_1.bias",
               "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.transformer.resblocks.0.mlp.c_proj.bias",
               "visual.transformer.resblocks.0.ln_2.weight", "visual.ln_post.weight", "visual.proj",

@@ -26,7 +26,7 @@ def tiny_split(n_img=12, caps=5, dim=16, seed=0, name="tiny"):
     words = ["red", "blue", "green", "circle", "square", "star", "big", "small"]
     captions, c2i = [], []
     for i in range(n_img):
-        for k in range(caps):
+        for _k in range(caps):
             captions.append(" ".join(rng.choice(words, 4)) + f" item{i}")
             c2i.append(i)
     return RetrievalSplit(images=feats, captions=captions, caption_to_image=np.array(c2i), name=name)

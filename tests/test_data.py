@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_utils import WORDS, bert_tokenizer_folder
 
 from itmzoo.data import RetrievalSplit, SyntheticShapes, load_pil
 from itmzoo.data.collate import ImageCollate, TextCollate, eval_loaders, pad_sequences
 from itmzoo.data.synthetic import COLOURS, SHAPES
 from itmzoo.data.transforms import CLIP_MEAN, CLIP_STD, RegionTransform, image_transform
 from itmzoo.data.vocab import Vocab, word_tokenize
-
-from hf_utils import WORDS, bert_tokenizer_folder
-
 
 # -- SyntheticShapes ------------------------------------------------------------------------------------
 
@@ -279,9 +277,9 @@ def test_hf_tokenizer_offline_errors_are_clear(tmp_path):
 
 
 def test_clip_tokenizer_matches_upstream_ids(tmp_path):
-    from itmzoo.data.tokenizers import CLIP_BPE_PATH, CLIP_BPE_SHA256, CLIPTokenizer
-
     import hashlib
+
+    from itmzoo.data.tokenizers import CLIP_BPE_PATH, CLIP_BPE_SHA256, CLIPTokenizer
 
     assert hashlib.sha256(CLIP_BPE_PATH.read_bytes()).hexdigest() == CLIP_BPE_SHA256
     tok = CLIPTokenizer()

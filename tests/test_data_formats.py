@@ -67,7 +67,8 @@ def test_precomp_errors_name_the_file(data, tmp_path):
         R.read_precomp(tmp_path, "test")
     np.save(tmp_path / "flat_ims.npy", np.zeros((3, DIM), np.float32))
     (tmp_path / "flat_caps.txt").write_text("a\nb\nc\n")
-    with pytest.raises(DataError, match=r"flat_ims\.npy: features of shape \(3, 16\); expected \(images, regions, dim\)"):
+    with pytest.raises(DataError,
+                       match=r"flat_ims\.npy: features of shape \(3, 16\); expected \(images, regions, dim\)"):
         R.read_precomp(tmp_path, "flat")
     (tmp_path / "bad_ims.npy").write_bytes(b"not numpy")
     (tmp_path / "bad_caps.txt").write_text("a\n")
@@ -151,7 +152,8 @@ def test_ids_caps_round_trip(data, tmp_path, per_caption):
 def test_ids_caps_errors(data, tmp_path):
     W.write_ids_caps(data.split("test", kind="pixels"), tmp_path, "test")
     (tmp_path / "id_mapping.json").write_text(json.dumps({"0": "a.jpg"}))
-    with pytest.raises(DataError, match=r"id_mapping\.json: no image path for 2 ids of .*test_ids\.txt, e\.g\. \['1', '2'\]"):
+    with pytest.raises(DataError,
+                       match=r"id_mapping\.json: no image path for 2 ids of .*test_ids\.txt, e\.g\. \['1', '2'\]"):
         R.read_ids_caps(tmp_path, "test")
     (tmp_path / "test_ids.txt").write_text("0\n1\n2\n3\n")
     with pytest.raises(DataError, match=r"test_caps\.txt has 15 captions but .*test_ids\.txt has 4 images"):

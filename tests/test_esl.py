@@ -253,12 +253,12 @@ def _reference_scores(words, lengths, regions, smooth):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_batched_scores_equal_per_pair_loop(dtype):
     g = torch.Generator().manual_seed(0)
-    C, L, I, R, D = 7, 11, 5, 9, 40
+    C, L, Ni, R, D = 7, 11, 5, 9, 40
     lengths = [11, 1, 4, 7, 2, 11, 5]
     words = torch.randn(C, L, D, generator=g, dtype=dtype) * 0.3
     mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
     words = words * mask[..., None]
-    regions = F.normalize(torch.randn(I, R, D, generator=g, dtype=dtype), dim=-1)
+    regions = F.normalize(torch.randn(Ni, R, D, generator=g, dtype=dtype), dim=-1)
     ref = _reference_scores(words, lengths, regions, 7.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     for chunk in (1, 50, 400, 1 << 20):  # any chunking gives the same scores

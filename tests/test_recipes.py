@@ -175,7 +175,8 @@ class TinyPixelRetrieval(ITMModel):
 
 @pytest.fixture(scope="module")
 def pixels_split():
-    return SyntheticShapes(num_images={"train": 48, "dev": 8, "test": 8}, seed=0, image_size=32).split("train", "pixels")
+    return SyntheticShapes(num_images={"train": 48, "dev": 8, "test": 8}, seed=0,
+                           image_size=32).split("train", "pixels")
 
 
 def test_epochs_over_images_draw_one_seeded_caption_per_image(pixels_split):
@@ -215,7 +216,8 @@ def test_tiny_pixel_backbones_train_and_loss_falls(backbone):
     over images: the InfoNCE loss leaves chance level (ln 16 = 2.77); measured last-5 means 1.76 / 2.10."""
     from itmzoo.train.engine import fit
 
-    split = SyntheticShapes(num_images={"train": 16, "dev": 8, "test": 8}, seed=0, image_size=32).split("train", "pixels")
+    split = SyntheticShapes(num_images={"train": 16, "dev": 8, "test": 8}, seed=0,
+                            image_size=32).split("train", "pixels")
     torch.manual_seed(0)
     model = TinyPixelRetrieval(TinyPixelConfig(backbone))
     freeze = ["clip.visual.*"] if backbone == "vit" else ["clip.token_embedding.*"]

@@ -132,7 +132,8 @@ def test_tiny_training_loss_and_gradients_match_upstream(tiny, mode):
 def test_tokenizer_matches_upstream(tmp_path):
     meta, _ = _fixture("tiny")
     (tmp_path / "vocab.txt").write_text("\n".join(meta["vocab"]) + "\n")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
     tok = SCTATokenizer(str(tmp_path))
     assert [tok.encode(c) for c in meta["captions"]] == meta["eval_ids"]
     rng = random.Random(meta["aug_seed"])
@@ -364,8 +365,11 @@ def test_learns_on_synthetic_pictures():
         train, test = ds.split("train", "pixels"), ds.split("test", "pixels")
         torch.manual_seed(0)
         tiny = TINY_OVERRIDES["scta"]
-        model = itmzoo.build("scta", **{**tiny, "bert_config": {**tiny["bert_config"], "vocab_size": 76, "hidden_dropout_prob": 0.0},
-                                        "backbone_lr_mult": 1.0, "vse_mean_warmup_epochs": 100, "loss_warmup_epoch": None})
+        model = itmzoo.build("scta", **{**tiny,
+                                        "bert_config": {**tiny["bert_config"], "vocab_size": 76,
+                                                        "hidden_dropout_prob": 0.0},
+                                        "backbone_lr_mult": 1.0, "vse_mean_warmup_epochs": 100,
+                                        "loss_warmup_epoch": None})
         before = evaluate(model, test, "full", progress=False)["rsum"]
         fit(model, train, {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4,
                            "progress": False, "log_every": 1000})

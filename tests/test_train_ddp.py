@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 import itmzoo
 from itmzoo.data.synthetic import SyntheticShapes
+from itmzoo.distributed import all_gather_with_grad, gather_features
 from itmzoo.train import fit
 from itmzoo.train.data import make_train_loader
-from itmzoo.distributed import all_gather_with_grad, gather_features
 
 TRAIN = {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 1, "progress": False}
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -16,8 +16,15 @@ import torch
 import itmzoo
 from itmzoo.config import ConfigError, ModelConfig
 from itmzoo.data.split import RetrievalSplit
-from itmzoo.eval import (DirectionalScores, EvalOptions, chance_metrics, evaluate, evaluate_ensemble, rank_metrics,
-                         retrieval_ranks)
+from itmzoo.eval import (
+    DirectionalScores,
+    EvalOptions,
+    chance_metrics,
+    evaluate,
+    evaluate_ensemble,
+    rank_metrics,
+    retrieval_ranks,
+)
 from itmzoo.eval.rerank import FILL
 from itmzoo.models.base import EvalSettings, ITMModel
 

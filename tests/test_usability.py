@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hf_utils import WORDS, bert_tokenizer_folder
 
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
@@ -28,8 +29,6 @@ from itmzoo.data.writers import write_precomp
 from itmzoo.train.config import TrainConfig
 from itmzoo.train.lock import RunDirLocked, RunLock
 from itmzoo.train.run import parse_run_config, run_training
-
-from hf_utils import WORDS, bert_tokenizer_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SYN_VOCAB = ROOT / "configs" / "vocab" / "synthetic_shapes_vocab.json"
@@ -308,7 +307,8 @@ def test_version_list_and_info(capsys):
     esa = next(r for r in rows if r.startswith("esa_bigru"))
     assert esa.split()[1] == "esa" and "embedding" in esa and "f30k, coco" in esa
     assert main(["list", "--names", "--scoring", "cross"]) == 0
-    assert capsys.readouterr().out.split() == itmzoo.list_models(scoring="cross") and "lhsc" in itmzoo.list_models(scoring="cross")
+    assert (capsys.readouterr().out.split() == itmzoo.list_models(scoring="cross")
+            and "lhsc" in itmzoo.list_models(scoring="cross"))
     assert main(["info", "esa"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("esa_bigru (aliases: esa)") and "    vocab_path = null" in text and "{" not in text
@@ -341,7 +341,8 @@ def test_training_output_banner_lines_rounding_and_ctrl_c(tmp_path, monkeypatch,
     assert re.search(r"^epoch 1/2  step 1/7  loss \S+  lr ", err, re.M) and "\r" not in err and "it/s" not in err
     metrics = (tmp_path / "a" / "metrics.json").read_text()
     # no float noise such as 244.60000000000002: every float has at most 10 significant digits
-    floats = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", metrics + (tmp_path / "a" / "log.jsonl").read_text())]
+    floats = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?",
+                                           metrics + (tmp_path / "a" / "log.jsonl").read_text())]
     assert floats and all(x == float(f"{x:.10g}") for x in floats)
     best = json.loads(metrics)["best_epoch"]
     saved = json.loads((tmp_path / "a" / "best" / "config.json").read_text())

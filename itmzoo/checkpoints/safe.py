@@ -79,7 +79,8 @@ def _global_name(g: Any) -> str:
     return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
 
 
-def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
+def strip_prefixes(state: Mapping[str, torch.Tensor],
+                   prefixes: Iterable[str] = ("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
     """Remove DataParallel / torch.compile key prefixes (repeatedly, in any order)."""
     prefixes = tuple(prefixes)
     out = {}

@@ -53,14 +53,16 @@ def _load(split: RetrievalSplit, i: int) -> Any:
         if not arr.flags.writeable:  # a row of a read-only memmap: read it into memory once (torch
             arr = arr.copy()         # warns on, and cannot safely share, non-writable arrays)
         if arr.ndim != 2:
-            raise ValueError(f"split '{split.name}': image {i} has region features of shape {arr.shape}, expected [R, D]")
+            raise ValueError(f"split '{split.name}': image {i} has region features of shape {arr.shape}, "
+                             "expected [R, D]")
         return arr
     return load_pil(item)
 
 
 def _check_kind(split: RetrievalSplit, model: Any) -> None:
     if split.kind != model.input_kind:
-        raise ValueError(f"model {type(model).__name__} takes {model.input_kind} but split '{split.name}' holds {split.kind}")
+        raise ValueError(f"model {type(model).__name__} takes {model.input_kind} "
+                         f"but split '{split.name}' holds {split.kind}")
 
 
 class ImageDataset(Dataset):
@@ -168,7 +170,8 @@ class TextCollate:
         return self.tokenizer(list(captions), train=self.train)
 
 
-def eval_loaders(split: RetrievalSplit, model: Any, batch_size: int = 128, num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
+def eval_loaders(split: RetrievalSplit, model: Any, batch_size: int = 128,
+                 num_workers: int = 0) -> tuple[DataLoader, DataLoader]:
     """Loaders of unique images and of all captions, in split order, with evaluation transforms."""
     _check_kind(split, model)
     images = DataLoader(ImageDataset(split, model.image_transform_for(False)), batch_size=batch_size,

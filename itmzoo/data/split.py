@@ -111,5 +111,6 @@ def load_pil(source: Any):
     except (UnidentifiedImageError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise ValueError(f"cannot decode image {source if not isinstance(source, (bytes, bytearray, memoryview)) else '<bytes>'}: {e}") from e
+        shown = source if not isinstance(source, (bytes, bytearray, memoryview)) else "<bytes>"
+        raise ValueError(f"cannot decode image {shown}: {e}") from e
     raise TypeError(f"cannot read an image from {type(source).__name__}; expected a PIL image, a path or bytes")

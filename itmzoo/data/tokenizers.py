@@ -47,7 +47,8 @@ class HFTokenizer:
             ``padding='max_length'``); otherwise pad to the longest caption of the batch.
     """
 
-    def __init__(self, name_or_path: str | Path, max_length: int | None = None, pad_to_max_length: bool = False) -> None:
+    def __init__(self, name_or_path: str | Path, max_length: int | None = None,
+                 pad_to_max_length: bool = False) -> None:
         self.name_or_path = str(name_or_path)
         if pad_to_max_length and max_length is None:
             raise ValueError("pad_to_max_length needs max_length")

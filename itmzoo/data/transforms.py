@@ -1,12 +1,13 @@
 """Image transforms per backbone (pixels) and the region-feature transform (precomputed regions).
 
-Pixel transforms follow the target methods' code (see specs):
+Pixel transforms follow the target methods' code (see specs), per backbone:
 
-| backbone | eval | train | mean / std |
-|---|---|---|---|
-| ``clip`` (ESL-CLIP, Multi-SEA) | Resize(size, bicubic) shorter side, CenterCrop(size) | same (no augmentation upstream) | OpenAI CLIP |
-| ``vit`` (SCTA) | Resize((size, size), bicubic), aspect not kept | RandomResizedCrop(size, scale=(0.6, 1), bicubic) + HorizontalFlip | ImageNet (SCTA keeps them for its in21k ViT) |
-| ``imagenet`` | Resize(size * 256 / 224) shorter side, CenterCrop(size) | RandomResizedCrop(size) + HorizontalFlip | ImageNet |
+- ``clip`` (ESL-CLIP, Multi-SEA): eval Resize(size, bicubic) shorter side, CenterCrop(size); train the same
+  (no augmentation upstream); mean / std OpenAI CLIP.
+- ``vit`` (SCTA): eval Resize((size, size), bicubic), aspect not kept; train RandomResizedCrop(size,
+  scale=(0.6, 1), bicubic) + HorizontalFlip; mean / std ImageNet (SCTA keeps them for its in21k ViT).
+- ``imagenet``: eval Resize(size * 256 / 224) shorter side, CenterCrop(size); train RandomResizedCrop(size)
+  + HorizontalFlip; mean / std ImageNet.
 
 Every transform accepts what a `RetrievalSplit` of pixels holds (PIL image, path or bytes) and
 returns ``FloatTensor[3, size, size]``. Decoding (PIL) and the transform run in the DataLoader

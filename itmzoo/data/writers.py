@@ -149,7 +149,8 @@ def write_karpathy(splits: Mapping[str, RetrievalSplit], json_path: PathLike, im
 
 
 def write_ids_caps(split: RetrievalSplit, root: PathLike, name: str, *, image_root: PathLike | None = None,
-                   per_caption_ids: bool = False, mapping: str = "id_mapping.json", ext: str = "jpg") -> dict[str, Path]:
+                   per_caption_ids: bool = False, mapping: str = "id_mapping.json",
+                   ext: str = "jpg") -> dict[str, Path]:
     """``{name}_ids.txt`` + ``{name}_caps.txt`` + ``id_mapping.json`` (merged with an existing one) and
     the images under `image_root` (default ``root/images``), as VSE-infinity's raw-image layout.
 

@@ -122,7 +122,8 @@ def load_pretrained_weights(model, source: str, *, allow_missing: Sequence[str] 
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     if bad_missing or bad_unexpected or mismatched or info.get("error_msgs"):
         raise BackboneError(f"{source!r} does not fit {type(pretrained).__name__}: missing {bad_missing}, "
-                            f"unexpected {bad_unexpected}, shape mismatches {mismatched} {info.get('error_msgs') or ''}".rstrip())
+                            f"unexpected {bad_unexpected}, shape mismatches {mismatched} "
+                            f"{info.get('error_msgs') or ''}".rstrip())
     try:
         load_state_strict(model, pretrained.state_dict(), ignorable=("*position_ids",), source=repr(source),
                           hint="the folder holds a different architecture than the configured one")

@@ -74,8 +74,10 @@ class CLIPConfig(ModelConfig):
 
     def validate(self) -> None:
         if self.image_size % self.patch_size:
-            raise ConfigError(f"clip.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
-        for w, h, name in ((self.vision_width, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
+            raise ConfigError(f"clip.image_size ({self.image_size}) must be a multiple of "
+                              f"patch_size ({self.patch_size})")
+        for w, h, name in ((self.vision_width, self.vision_heads, "vision"),
+                           (self.text_width, self.text_heads, "text")):
             if w % h:
                 raise ConfigError(f"clip.{name}_width ({w}) must be divisible by {name}_heads ({h})")
         if self.vision_blocks is not None and not 0 < self.vision_blocks <= self.vision_layers:
@@ -414,7 +416,8 @@ def unused_pretrained_keys(cfg: CLIPConfig, keys) -> list[str]:
             out.append(k)
         elif not k.startswith("visual.") and k != "logit_scale":
             text_keep = {"full": True, "none": False,
-                         "embeddings": k in ("token_embedding.weight", "positional_embedding") or k.startswith("ln_final.")}
+                         "embeddings": (k in ("token_embedding.weight", "positional_embedding")
+                                        or k.startswith("ln_final."))}
             if not text_keep[cfg.text_tower]:
                 out.append(k)
     return out

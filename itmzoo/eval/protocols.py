@@ -34,7 +34,8 @@ def protocol_folds(protocol: str, caption_to_image: np.ndarray, n_images: int) -
         raise ValueError(f"protocol {protocol!r} expects a split of {p.n_images} images, got {n_images}; "
                          f"use protocol='{alt}' for a split of another size")
     if n_images % p.n_folds:
-        raise ValueError(f"protocol {protocol!r} needs the number of images ({n_images}) to be divisible by {p.n_folds}")
+        raise ValueError(f"protocol {protocol!r} needs the number of images ({n_images}) "
+                         f"to be divisible by {p.n_folds}")
     size = n_images // p.n_folds
     c2i = np.asarray(caption_to_image)
     folds = []

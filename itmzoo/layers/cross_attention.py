@@ -81,7 +81,8 @@ def context_scale(regions: torch.Tensor, attn: torch.Tensor, eps: float = 1e-8,
     far smaller (an attended context that is short because its regions point in opposite directions),
     and in float32 that cancellation leaves an absolute error of ~1e-7 in ``||α V||²``, i.e. a relative
     error of ~1e-7 / ``||α V||²`` in the norm (5e-4 at a length of 1e-2, 9 % measured at 1.3e-4). In
-    float64 the error is ~1e-16 absolute, below float32's own rounding of the vector. ``attn [Ni, T, R]`` -> ``[Ni, T]`` in ``attn``'s dtype; pass `gram` (`region_gram`)
+    float64 the error is ~1e-16 absolute, below float32's own rounding of the vector.
+    ``attn [Ni, T, R]`` -> ``[Ni, T]`` in ``attn``'s dtype; pass `gram` (`region_gram`)
     to reuse it across caption groups. `chunk_elems` bounds the float64 temporaries (elements).
     """
     gram = region_gram(regions) if gram is None else gram.double()

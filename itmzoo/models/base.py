@@ -12,7 +12,8 @@ from torch import nn
 
 from ..features import Features, cat_features, features_len, features_to, slice_features
 
-__all__ = ["ACCUMULATION_POLICIES", "EvalSettings", "Features", "ITMModel", "cat_features", "features_len", "features_to", "slice_features"]
+__all__ = ["ACCUMULATION_POLICIES", "EvalSettings", "Features", "ITMModel", "cat_features", "features_len",
+           "features_to", "slice_features"]
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:

@@ -143,7 +143,8 @@ class ESLConfig(ModelConfig):
             raise ConfigError(f"esl: embed_size ({self.embed_size}) must be divisible by kernel_size**8 "
                               f"(kernel_size={self.kernel_size}) for the 9 measure-unit levels; upstream: 512 and 2")
         if self.embed_size % 2:
-            raise ConfigError(f"esl: embed_size must be even (the region MLP is embed_size//2 wide), got {self.embed_size}")
+            raise ConfigError("esl: embed_size must be even (the region MLP is embed_size//2 wide), "
+                              f"got {self.embed_size}")
         for f in ("region_drop_prob", "word_aug_prob"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"esl: {f} must lie in [0, 1), got {getattr(self, f)}")
@@ -293,11 +294,11 @@ def esl_cross_scores(words: torch.Tensor, word_mask: torch.Tensor, regions: torc
     ``s_i2t = mean_r sum_w A softmax_w(smooth G / ||G||_regions)``; the score is their sum.
     Captions are sorted by length and scored in chunks of about `chunk_elems` ``A`` entries.
     """
-    C, I, R = words.shape[0], regions.shape[0], regions.shape[1]
+    C, Ni, R = words.shape[0], regions.shape[0], regions.shape[1]
     word_mask = word_mask.bool()
     lengths = word_mask.sum(1)
-    if C == 0 or I == 0:
-        return regions.new_zeros(I, C, dtype=torch.promote_types(words.dtype, regions.dtype))
+    if C == 0 or Ni == 0:
+        return regions.new_zeros(Ni, C, dtype=torch.promote_types(words.dtype, regions.dtype))
     if region_mask is not None and bool(region_mask.all()):
         region_mask = None
     order = torch.argsort(lengths.cpu(), stable=True).tolist()
@@ -306,7 +307,7 @@ def esl_cross_scores(words: torch.Tensor, word_mask: torch.Tensor, regions: torc
                                         or (isinstance(smooth, torch.Tensor) and smooth.requires_grad))
     fn = _pair_scores_grad if grad else _pair_scores_fast
     # square-ish chunks (images x captions) keep the product efficient and the chunk in cache
-    ic = max(1, min(I, int(math.sqrt(chunk_elems / (sorted_len[-1] * R)))))
+    ic = max(1, min(Ni, int(math.sqrt(chunk_elems / (sorted_len[-1] * R)))))
     cols: list[torch.Tensor] = []
     idx: list[list[int]] = []
     a = 0
@@ -318,7 +319,7 @@ def esl_cross_scores(words: torch.Tensor, word_mask: torch.Tensor, regions: torc
         width = sorted_len[b - 1]
         w, m = words[sel, :width], word_mask[sel, :width]
         blocks = [fn(w, m, regions[i:i + ic], None if region_mask is None else region_mask[i:i + ic], smooth)
-                  for i in range(0, I, ic)]
+                  for i in range(0, Ni, ic)]
         cols.append(torch.cat(blocks, 0) if len(blocks) > 1 else blocks[0])
         idx.append(sel)
         a = b
@@ -333,11 +334,11 @@ def _attn(words: torch.Tensor, word_mask: torch.Tensor, regions: torch.Tensor,
           region_mask: torch.Tensor | None) -> torch.Tensor:
     """``A [C, L, I, R]``: every word of every caption against every region of every image (0 on padding)."""
     C, L, Fd = words.shape
-    I, R, _ = regions.shape
+    Ni, R, _ = regions.shape
     words = words * word_mask.unsqueeze(-1).to(words.dtype)
     if region_mask is not None:
         regions = regions * region_mask.unsqueeze(-1).to(regions.dtype)
-    return (words.reshape(C * L, Fd) @ regions.reshape(I * R, Fd).t()).view(C, L, I, R)
+    return (words.reshape(C * L, Fd) @ regions.reshape(Ni * R, Fd).t()).view(C, L, Ni, R)
 
 
 def _pair_scores_grad(words, word_mask, regions, region_mask, smooth) -> torch.Tensor:
@@ -517,7 +518,8 @@ class ESL(ITMModel):
     def tokenizer(self) -> ESLBertTokenizer:
         if self._tokenizer is None:
             c = self.config
-            self._tokenizer = ESLBertTokenizer(load_hf_tokenizer(c.tokenizer), c.word_aug_prob, c.random_token_no_specials)
+            self._tokenizer = ESLBertTokenizer(load_hf_tokenizer(c.tokenizer), c.word_aug_prob,
+                                               c.random_token_no_specials)
         return self._tokenizer
 
     def set_tokenizer(self, tokenizer: ESLBertTokenizer) -> None:
@@ -566,7 +568,8 @@ class ESL(ITMModel):
     def _chunk(self, device: torch.device) -> int:
         return self.config.sim_chunk_elems_cuda if device.type == "cuda" else self.config.sim_chunk_elems
 
-    def similarity(self, image_feats: Mapping[str, torch.Tensor], text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def similarity(self, image_feats: Mapping[str, torch.Tensor],
+                   text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         img, txt = image_feats["tokens"], text_feats["tokens"]
         smooth = self.head.smooth()
         if not torch.is_grad_enabled():
@@ -656,7 +659,8 @@ class ESLCLIPConfig(ModelConfig):
         if isinstance(self.clip, Mapping):
             self.clip = CLIPConfig.from_dict(self.clip)
         if not isinstance(self.clip, CLIPConfig):
-            raise ConfigError(f"esl_clip: clip must be a CLIPConfig or a dict of its fields, got {type(self.clip).__name__}")
+            raise ConfigError("esl_clip: clip must be a CLIPConfig or a dict of its fields, "
+                              f"got {type(self.clip).__name__}")
         self.clip.validate()
         if self.clip.vision_output != "cls_proj" or self.clip.text_tower != "full":
             raise ConfigError("esl_clip needs CLIP's projected CLS and EOT vectors (vision_output='cls_proj', "
@@ -781,7 +785,8 @@ class ESLCLIP(ITMModel):
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image": self.image_levels(batch), "text": self.text_levels(batch)}
 
-    def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def train_loss(self, feats: Mapping[str, torch.Tensor],
+                   batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE on ``sims x exp(logit_scale)`` over the (global) batch; duplicates are negatives."""
         from ..distributed import gather_features
 
@@ -857,14 +862,16 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         parts, opt = obj["model"], obj.get("opt")
     if not (isinstance(parts, (list, tuple)) and len(parts) == 3 and all(isinstance(p, Mapping) for p in parts)):
         raise CheckpointError("not an ESL checkpoint: 'model' must be the list [img_enc, txt_enc, sim_vec] of state "
-                              f"dicts, got {type(parts).__name__}" + (f" of length {len(parts)}" if isinstance(parts, (list, tuple)) else ""))
+                              f"dicts, got {type(parts).__name__}"
+                              + (f" of length {len(parts)}" if isinstance(parts, (list, tuple)) else ""))
     img, txt, sim = (strip_prefixes(p) for p in parts)
     for name, part in (("img_enc", img), ("txt_enc", txt), ("sim_vec", sim)):
         bad = [k for k, v in part.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"ESL checkpoint: {name} holds non-tensor entries {bad[:5]}")
     if "fc.weight" not in img or not any(k.startswith("bert.") for k in txt):
-        raise CheckpointError("not an ESL (BERT branch) checkpoint: expected img_enc 'fc.weight' and txt_enc 'bert.*' keys")
+        raise CheckpointError("not an ESL (BERT branch) checkpoint: expected img_enc 'fc.weight' "
+                              "and txt_enc 'bert.*' keys")
     strategy = strategy_from_keys(list(sim))
     embed_size, img_dim = (int(x) for x in img["fc.weight"].shape)
     overrides: dict[str, Any] = {"strategy": strategy, "img_dim": img_dim, "embed_size": embed_size}

@@ -344,7 +344,8 @@ class SCTA(ITMModel):
         return [draw_fc2(k, h, gen) for k in ks]
 
     # -- scoring -----------------------------------------------------------------------------------
-    def similarity(self, image_feats: Mapping[str, torch.Tensor], text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def similarity(self, image_feats: Mapping[str, torch.Tensor],
+                   text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[n_images, n_captions]`` in [-0.2, 2]; one fc2 draw per caption per call (reference mode)."""
         return self.cross_scores(image_feats, text_feats)
 
@@ -365,7 +366,8 @@ class SCTA(ITMModel):
             return self._pair_scores(img.float(), caps, cap_mask, q)
 
     def _caption_side(self, txt: torch.Tensor, mask: torch.Tensor, ks: list[int],
-                      fc2: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      fc2: Sequence[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised caption tokens ``[Bt, 1 + k_max, C]``, their mask, and the no-grad caption query ``[Bt, C]``."""
         agg = self.cross_net.cap_aggr_net
         bt, _, _c = txt.shape
@@ -392,7 +394,8 @@ class SCTA(ITMModel):
         caps = caps * cap_mask[..., None]
         return caps, cap_mask, q
 
-    def _pair_scores(self, img: torch.Tensor, caps: torch.Tensor, cap_mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    def _pair_scores(self, img: torch.Tensor, caps: torch.Tensor, cap_mask: torch.Tensor,
+                     q: torch.Tensor) -> torch.Tensor:
         c = self.config
         bv, lv, _dim = img.shape
         has_cls = not _is_square(lv)
@@ -572,11 +575,13 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     if isinstance(obj, Mapping) and "model" in obj:
         state, opt = obj["model"], obj.get("opt")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("not an SCTA checkpoint: expected {'model': state_dict, 'opt': Namespace} or a state dict")
+        raise CheckpointError("not an SCTA checkpoint: expected {'model': state_dict, 'opt': Namespace} "
+                              "or a state dict")
     state = strip_prefixes(dict(state))
     if any(k.startswith(("cross_net.aggr_net.", "cross_net.sparse_net.")) for k in state):
         raise CheckpointError("this is a LAPS checkpoint (cross_net.aggr_net, 39 slots), not SCTA "
-                              "(cross_net.img_aggr_net, 29 slots, plus cross_net.cap_aggr_net): LAPS weights do not fit SCTA")
+                              "(cross_net.img_aggr_net, 29 slots, plus cross_net.cap_aggr_net): "
+                              "LAPS weights do not fit SCTA")
     if "cross_net.cap_aggr_net.fc1.weight" not in state:
         raise CheckpointError("not an SCTA checkpoint: missing cross_net.cap_aggr_net.fc1.weight")
     given = vars(opt) if isinstance(opt, argparse.Namespace) else dict(opt) if isinstance(opt, Mapping) else {}
@@ -589,7 +594,8 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
             inferred[k] = float(inferred[k])
     embed = state["cross_net.cap_aggr_net.fc1.weight"].shape[1]
     if inferred.get("embed_size", embed) != embed:
-        raise CheckpointError(f"SCTA checkpoint: opt.embed_size={inferred['embed_size']} disagrees with the weights ({embed})")
+        raise CheckpointError(f"SCTA checkpoint: opt.embed_size={inferred['embed_size']} "
+                              f"disagrees with the weights ({embed})")
     inferred["embed_size"] = embed
     slots = state.get("cross_net.img_aggr_net.weight.3.weight")
     if slots is not None and "num_patches" in given:
@@ -637,7 +643,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 @register_model("scta", config=SCTAConfig, input_kind="pixels", scoring="cross",
-                paper="SCTA: sparse cross-modal token aggregation for image-text retrieval (ICME 2025, on LAPS CVPR 2024)",
+                paper="SCTA: sparse cross-modal token aggregation for image-text retrieval "
+                      "(ICME 2025, on LAPS CVPR 2024)",
                 upstream=UPSTREAM, text_backbone="bert-base-uncased", image_backbone="vit-base-patch16-224-in21k",
                 tags=TAGS, converter=convert_official, tiny=TINY_OVERRIDES["scta"])
 def scta(config: SCTAConfig) -> SCTA:

@@ -87,7 +87,8 @@ class ToyVSE(ITMModel):
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"image": self.encode_image(batch), "text": self.encode_text(batch)}
 
-    def train_loss(self, feats: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def train_loss(self, feats: Mapping[str, torch.Tensor],
+                   batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hinge loss over the global batch: under DDP the embeddings of every rank are gathered."""
         from ..distributed import gather_features
 

@@ -70,7 +70,8 @@ def build_param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[st
             if not p.requires_grad:
                 continue
             if id(p) not in names:
-                raise ConfigError(f"{type(model).__name__}.param_groups returned a tensor that is not a parameter of the model")
+                raise ConfigError(f"{type(model).__name__}.param_groups returned a tensor "
+                                  "that is not a parameter of the model")
             if id(p) in seen:
                 raise ConfigError(f"parameter {names[id(p)]} is in two parameter groups ({seen[id(p)]}, {gname})")
             seen[id(p)] = gname
