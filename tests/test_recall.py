@@ -126,6 +126,34 @@ def test_non_finite_similarities_raise():
         recall_metrics(S, np.arange(10) // 5)
 
 
+def test_threads_and_blocks_do_not_change_ranks():
+    # the CPU pass shares row blocks between threads; any split gives the ranks of a single block,
+    # with ties, uneven caption counts, float16 and both tie modes
+    rng = np.random.default_rng(5)
+    c2i = np.sort(np.r_[np.arange(37), rng.integers(0, 37, 120)])
+    S = np.round(rng.standard_normal((37, c2i.size)), 1)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        St = torch.as_tensor(S).to(dtype)
+        for mode in ("optimistic", "pessimistic"):
+            want = retrieval_ranks(St, c2i, tie_mode=mode, chunk=37, num_threads=1)
+            for chunk, threads in ((1, 4), (3, 2), (5, 3)):
+                got = retrieval_ranks(St, c2i, tie_mode=mode, chunk=chunk, num_threads=threads)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, mode, chunk)
+    # against the definition: count of captions/images scoring strictly higher, or >= for pessimistic
+    i2t, t2i = retrieval_ranks(S, c2i, chunk=2, num_threads=3)
+    for j in range(c2i.size):
+        assert t2i[j] == int((S[:, j] > S[c2i[j], j]).sum())
+    for i in range(37):
+        assert i2t[i] == int((S[i] > S[i, c2i == i].max()).sum())
+
+
+def test_non_finite_raises_from_a_worker_thread():
+    S = np.random.default_rng(0).standard_normal((40, 200))
+    S[33, 7] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite.*\[33, 7\]"):
+        retrieval_ranks(S, np.arange(200) // 5, chunk=2, num_threads=3)
+
+
 @pytest.mark.parametrize("c2i,match", [
     (np.arange(9) // 5, "one entry per caption"),
     (np.r_[np.zeros(5, int), np.full(5, 7)], "must lie in"),
