@@ -114,32 +114,24 @@ def _step(model: torch.nn.Module, batch: dict) -> tuple[Timed, Timed]:
     return run, one_thread
 
 
-def _demo_batch(model: torch.nn.Module, n: int, region_dim: int) -> dict:
-    from itmzoo.data import load_split
-
-    split = load_split({"format": "synthetic", "kind": "regions", "seed": 0, "region_dim": region_dim,
-                        "num_images": {"train": n}, "split": "train"})
-    caps = [split.captions[5 * i] for i in range(n)]
-    regions = torch.stack([torch.as_tensor(np.asarray(split.images[i], dtype=np.float32)) for i in range(n)])
-    return {"regions": regions, "region_lengths": torch.full((n,), regions.shape[1]),
-            **model.tokenizer(caps, train=True), "image_index": torch.arange(n)}
-
-
-def _esa_step() -> tuple[Timed, Timed]:
-    torch.manual_seed(0)
-    model = itmzoo.build("esa_bigru", vocab_path="configs/vocab/synthetic_shapes_vocab.json", vocab_size=75,
-                         img_dim=256, word_dim=64, embed_size=128)
-    return _step(model, _demo_batch(model, 64, 256))
-
-
-def _lhsc_step() -> tuple[Timed, Timed]:
+def _demo(config: str) -> tuple[Timed, Timed]:
+    """One training step of a demo configuration's model on a batch of its data (batch size as configured)."""
     import yaml
 
-    with open("configs/lhsc_demo_synthetic.yaml") as f:
-        cfg = {k: v for k, v in yaml.safe_load(f)["model"].items() if k != "name"}
+    from itmzoo.data import load_split
+
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
     torch.manual_seed(0)
-    model = itmzoo.build("lhsc", **cfg)
-    return _step(model, _demo_batch(model, 128, cfg["img_dim"]))
+    model = itmzoo.build(cfg["model"]["name"], **{k: v for k, v in cfg["model"].items() if k != "name"})
+    n = cfg["train"]["batch_size"]
+    spec = {k: v for k, v in cfg["data"].items() if k not in ("train", "dev", "test", "num_images")}
+    split = load_split({**spec, "num_images": {"train": n}, "split": "train"})
+    caps = [split.captions[5 * i] for i in range(n)]
+    regions = torch.stack([torch.as_tensor(np.asarray(split.images[i], dtype=np.float32)) for i in range(n)])
+    batch = {"regions": regions, "region_lengths": torch.full((n,), regions.shape[1]),
+             **model.tokenizer(caps, train=True), "image_index": torch.arange(n)}
+    return _step(model, batch)
 
 
 def _spinner() -> subprocess.Popen:
@@ -160,7 +152,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     makers = {"recall": lambda: _recall(args.n), "embed_sim": lambda: _embed_sim(args.n), "lhsc_sim": _lhsc_sim,
-              "esa_step": _esa_step, "lhsc_step": _lhsc_step}
+              "esa_step": lambda: _demo("configs/esa_demo_synthetic.yaml"),
+              "lhsc_step": lambda: _demo("configs/lhsc_demo_synthetic.yaml")}
     names = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(names) - set(makers))
     if unknown:
