@@ -261,8 +261,8 @@ class _AugmentingTokenizer:
 
     Training batches hold only ``views_input_ids`` / ``views_attention_mask`` / ``views_lengths`` with
     ``B * hardnum`` rows (row ``i * hardnum + j`` = copy j of caption i): the training loss never reads
-    clean ids, so each caption is encoded ``hardnum`` times, as upstream does. Random draws come from `rng` (a ``random.Random``) or, by default, from Python's
-    global ``random``, which DataLoader seeds differently in every worker (as upstream relies on).
+    clean ids, so each caption is encoded ``hardnum`` times, as upstream does. Random draws come from
+    `rng` (a ``random.Random``) or, by default, from Python's global ``random``, which DataLoader seeds differently in every worker (as upstream relies on).
     """
 
     pad_id = 0

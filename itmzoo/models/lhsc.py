@@ -88,8 +88,8 @@ class LHSCConfig(ModelConfig):
 
     def validate(self) -> None:
         for f in ("vocab_size", "img_dim", "word_dim", "embed_size", "sim_dim", "num_regions", "num_layers",
-                  "eval_text_batch_size", "sim_group_tokens", "sim_group_tokens_cuda", "sim_group_tokens_train", "sim_tile_rows",
-                  "sim_tile_rows_cuda"):
+                  "eval_text_batch_size", "sim_group_tokens", "sim_group_tokens_cuda", "sim_group_tokens_train",
+                  "sim_tile_rows", "sim_tile_rows_cuda"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"lhsc: {f} must be positive, got {getattr(self, f)}")
         for f in ("gcn_layers", "text_attn_layers", "vse_mean_warmup_epochs"):
