@@ -257,12 +257,13 @@ def sel_loss(im: torch.Tensor, s: torch.Tensor, hardnum: int, margin: float = 0.
 
 
 class _AugmentingTokenizer:
-    """``tokenizer(captions, train=False, rng=None)``; in training it adds ``hardnum`` augmented copies.
+    """``tokenizer(captions, train=False, rng=None)``; in training it returns ``hardnum`` augmented copies.
 
     Training batches hold only ``views_input_ids`` / ``views_attention_mask`` / ``views_lengths`` with
     ``B * hardnum`` rows (row ``i * hardnum + j`` = copy j of caption i): the training loss never reads
     clean ids, so each caption is encoded ``hardnum`` times, as upstream does. Random draws come from
-    `rng` (a ``random.Random``) or, by default, from Python's global ``random``, which DataLoader seeds differently in every worker (as upstream relies on).
+    `rng` (a ``random.Random``) or, by default, from Python's global ``random``, which DataLoader seeds
+    differently in every worker (as upstream relies on).
     """
 
     pad_id = 0
