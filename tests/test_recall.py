@@ -195,3 +195,18 @@ def test_coco_5k_and_1k_folds_match_spec_table():
     assert as_tuple(m5, "i2t") == pytest.approx([54.38, 80.38, 88.04, 1, 5.9208], abs=1e-9)
     assert as_tuple(m5, "t2i") == pytest.approx([26.264, 45.364, 54.132, 8, 88.33676], abs=1e-9)
     assert m5["rsum"] == pytest.approx(348.56, abs=1e-9)
+
+
+def test_torch_pass_used_on_cuda_gives_the_cpu_ranks(monkeypatch):
+    # the CUDA code path (torch ops over large blocks), run on the CPU, against the threaded numpy pass
+    from itmzoo.eval import recall
+
+    rng = np.random.default_rng(9)
+    c2i = np.sort(np.r_[np.arange(23), rng.integers(0, 23, 60)])
+    S = torch.as_tensor(np.round(rng.standard_normal((23, c2i.size)), 1))
+    want = {m: retrieval_ranks(S, c2i, tie_mode=m, chunk=4, num_threads=2) for m in ("optimistic", "pessimistic")}
+    monkeypatch.setattr(recall, "_ranks_cpu", lambda S, pos, best, strict, chunk, i2t, t2i, n:
+                        recall._ranks_torch(S, pos, best, strict, chunk, i2t, t2i))
+    for mode, (i2t, t2i) in want.items():
+        got = retrieval_ranks(S, c2i, tie_mode=mode, chunk=4)
+        assert torch.equal(got[0], i2t) and torch.equal(got[1], t2i), mode
