@@ -257,9 +257,8 @@ def _augmented_rows(tok, captions, seed):
     rng = random.Random(seed)
     evals, trains = [], []
     for cap in captions:
-        out = tok([cap], train=True, rng=rng)
-        evals += _rows(out)
-        trains += _rows(out, "views_")
+        evals += _rows(tok([cap]))  # eval ids draw nothing from the stream
+        trains += _rows(tok([cap], train=True, rng=rng), "views_")
     return evals, trains
 
 
@@ -370,6 +369,7 @@ def test_contract_shapes_backward_and_blocks(tmp_path):
     batch = {"regions": regions, "region_lengths": torch.tensor([5, 5, 3, 5]),
              **model.tokenizer(caps, train=True, rng=random.Random(0)), "image_index": torch.arange(4)}
     assert batch["views_input_ids"].shape[0] == 8
+    assert "input_ids" not in batch  # the loss reads only the copies: no third encoding per caption
     model.train()
     out = model(batch)
     assert torch.isfinite(out["loss"])

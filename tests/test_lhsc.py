@@ -326,6 +326,24 @@ def test_blockwise_similarity_equals_full_and_reference_loop():
     torch.testing.assert_close(_reference_loop(model, img, txt), full, atol=1e-6, rtol=0)
 
 
+def test_training_groups_give_the_same_scores_and_gradients():
+    # with autograd recording, captions are grouped by sim_group_tokens_train: any grouping gives the
+    # same scores (train-mode SAF BatchNorm included) and the same gradients
+    b = _random_batch(11)
+    outs = []
+    for group in (6, 10_000):
+        torch.manual_seed(0)
+        model = _tiny(sim_group_tokens_train=group).train()
+        torch.manual_seed(1)  # same dropout draws in both runs
+        scores = model.similarity(model.encode_image(b), model.encode_text(b))
+        (scores * torch.linspace(0.5, 1.5, scores.numel()).view_as(scores)).sum().backward()
+        outs.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=0)
+    assert outs[0][1].keys() == outs[1][1].keys() and outs[0][1]
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def _reference_loop(model, img, txt) -> torch.Tensor:
     sim = model.sim_enc
     l2 = lambda x: x / (x.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)

@@ -126,6 +126,34 @@ def test_non_finite_similarities_raise():
         recall_metrics(S, np.arange(10) // 5)
 
 
+def test_threads_and_blocks_do_not_change_ranks():
+    # the CPU pass shares row blocks between threads; any split gives the ranks of a single block,
+    # with ties, uneven caption counts, float16 and both tie modes
+    rng = np.random.default_rng(5)
+    c2i = np.sort(np.r_[np.arange(37), rng.integers(0, 37, 120)])
+    S = np.round(rng.standard_normal((37, c2i.size)), 1)
+    for dtype in (torch.float64, torch.float32, torch.float16):
+        St = torch.as_tensor(S).to(dtype)
+        for mode in ("optimistic", "pessimistic"):
+            want = retrieval_ranks(St, c2i, tie_mode=mode, chunk=37, num_threads=1)
+            for chunk, threads in ((1, 4), (3, 2), (5, 3)):
+                got = retrieval_ranks(St, c2i, tie_mode=mode, chunk=chunk, num_threads=threads)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (dtype, mode, chunk)
+    # against the definition: count of captions/images scoring strictly higher, or >= for pessimistic
+    i2t, t2i = retrieval_ranks(S, c2i, chunk=2, num_threads=3)
+    for j in range(c2i.size):
+        assert t2i[j] == int((S[:, j] > S[c2i[j], j]).sum())
+    for i in range(37):
+        assert i2t[i] == int((S[i] > S[i, c2i == i].max()).sum())
+
+
+def test_non_finite_raises_from_a_worker_thread():
+    S = np.random.default_rng(0).standard_normal((40, 200))
+    S[33, 7] = np.inf
+    with pytest.raises(ValueError, match=r"non-finite.*\[33, 7\]"):
+        retrieval_ranks(S, np.arange(200) // 5, chunk=2, num_threads=3)
+
+
 @pytest.mark.parametrize("c2i,match", [
     (np.arange(9) // 5, "one entry per caption"),
     (np.r_[np.zeros(5, int), np.full(5, 7)], "must lie in"),
@@ -167,3 +195,18 @@ def test_coco_5k_and_1k_folds_match_spec_table():
     assert as_tuple(m5, "i2t") == pytest.approx([54.38, 80.38, 88.04, 1, 5.9208], abs=1e-9)
     assert as_tuple(m5, "t2i") == pytest.approx([26.264, 45.364, 54.132, 8, 88.33676], abs=1e-9)
     assert m5["rsum"] == pytest.approx(348.56, abs=1e-9)
+
+
+def test_torch_pass_used_on_cuda_gives_the_cpu_ranks(monkeypatch):
+    # the CUDA code path (torch ops over large blocks), run on the CPU, against the threaded numpy pass
+    from itmzoo.eval import recall
+
+    rng = np.random.default_rng(9)
+    c2i = np.sort(np.r_[np.arange(23), rng.integers(0, 23, 60)])
+    S = torch.as_tensor(np.round(rng.standard_normal((23, c2i.size)), 1))
+    want = {m: retrieval_ranks(S, c2i, tie_mode=m, chunk=4, num_threads=2) for m in ("optimistic", "pessimistic")}
+    monkeypatch.setattr(recall, "_ranks_cpu", lambda S, pos, best, strict, chunk, i2t, t2i, n:
+                        recall._ranks_torch(S, pos, best, strict, chunk, i2t, t2i))
+    for mode, (i2t, t2i) in want.items():
+        got = retrieval_ranks(S, c2i, tie_mode=mode, chunk=4)
+        assert torch.equal(got[0], i2t) and torch.equal(got[1], t2i), mode

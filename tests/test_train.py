@@ -333,3 +333,25 @@ def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop
                                 "progress": False})
     assert result.steps == steps
     assert seen == pytest.approx(grads)
+
+
+def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):
+    from itmzoo.train import engine
+
+    monkeypatch.setattr(engine, "_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        torch.set_num_threads(4)
+        assert engine.cpu_threads_beside_workers(cpu, 1) == 3
+        assert engine.cpu_threads_beside_workers(cpu, 6) == 1
+        assert engine.cpu_threads_beside_workers(cpu, 0) is None
+        assert engine.cpu_threads_beside_workers(torch.device("cuda"), 2) is None
+        torch.set_num_threads(2)  # already fits beside 2 workers: the user's count stays
+        assert engine.cpu_threads_beside_workers(cpu, 2) is None
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")  # an explicit choice is kept
+        assert engine.cpu_threads_beside_workers(cpu, 1) is None
+    finally:
+        torch.set_num_threads(before)

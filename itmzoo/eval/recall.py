@@ -83,17 +83,95 @@ def _check_finite(block: torch.Tensor, row_offset: int) -> None:
     )
 
 
+def _positive_ties(S: torch.Tensor, c2i: torch.Tensor, pos: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Per image, how many of its own captions score >= its best one (>= 1): the pessimistic i2t count of
+    ``block >= best`` includes them, but other ground-truth captions never count against an image."""
+    return torch.bincount(c2i, weights=(pos >= best[c2i]).double(), minlength=best.numel()).long()
+
+
+def _ranks_torch(S: torch.Tensor, pos: torch.Tensor, best: torch.Tensor, strict: bool, chunk: int,
+                 i2t: torch.Tensor, t2i: torch.Tensor) -> None:
+    """The rank pass as torch ops over row blocks (CUDA: a handful of kernels per large block)."""
+    cmp = torch.gt if strict else torch.ge
+    n_img, n_cap = S.shape
+    buf = torch.empty(min(chunk, n_img), n_cap, dtype=torch.bool, device=S.device)
+    for a in range(0, n_img, chunk):
+        block = S[a:a + chunk]
+        _check_finite(block, a)
+        hit = buf[: block.shape[0]]
+        cmp(block, pos, out=hit)
+        t2i += hit.sum(0, dtype=torch.int32)
+        cmp(block, best[a:a + chunk, None], out=hit)
+        i2t[a:a + chunk] = torch.count_nonzero(hit, dim=1)
+
+
+def _ranks_cpu(S: torch.Tensor, pos: torch.Tensor, best: torch.Tensor, strict: bool, chunk: int,
+               i2t: torch.Tensor, t2i: torch.Tensor, n_threads: int) -> None:
+    """The rank pass on the CPU: each of `n_threads` Python threads takes the next cache-sized row block
+    (numpy releases the GIL), so there is no barrier per block and a descheduled thread only delays its
+    own block (torch's intra-op threads would wait for each other after every small op, which on a
+    machine with a busy core costs a scheduler slice each time)."""
+    import threading
+
+    if S.dtype not in (torch.float32, torch.float64):
+        S = S.float()  # exact for fp16/bf16, so comparisons are unchanged
+    A, p, b = S.numpy(), pos.to(S.dtype).numpy(), best.to(S.dtype).numpy()
+    out_i2t = i2t.numpy()
+    cmp = np.greater if strict else np.greater_equal
+    n_img, n_cap = A.shape
+    blocks = iter(range(0, n_img, chunk))
+    lock = threading.Lock()
+    totals: list[np.ndarray] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        votes = np.zeros(n_cap, dtype=np.int32)
+        hit = np.empty((min(chunk, n_img), n_cap), dtype=bool)
+        try:
+            while True:
+                with lock:
+                    a = next(blocks, None)
+                if a is None or errors:
+                    break
+                block = A[a:a + chunk]
+                h = hit[: block.shape[0]]
+                with np.errstate(all="ignore"):  # inf - inf in the row sums means "look closer", not a warning
+                    finite = np.isfinite(block.sum(1)).all() or np.isfinite(block).all()
+                if not finite:
+                    _check_finite(torch.from_numpy(block), a)  # raises with the positions
+                cmp(block, p, out=h)
+                votes += h.sum(0, dtype=np.int32)
+                cmp(block, b[a:a + chunk, None], out=h)
+                out_i2t[a:a + chunk] = h.sum(1)
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+        totals.append(votes)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(n_threads - 1)]
+    for w in workers:
+        w.start()
+    work()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    t2i += torch.from_numpy(sum(totals))
+
+
 @torch.no_grad()
 def retrieval_ranks(
     sims: torch.Tensor | np.ndarray,
     caption_to_image: torch.Tensor | np.ndarray | Sequence[int],
     tie_mode: TieMode = "optimistic",
     chunk: int | None = None,
+    num_threads: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks ``(i2t[n_images], t2i[n_captions])`` of a ``[n_images, n_captions]`` score matrix.
 
     Works for any number of captions per image. Memory beyond `sims` is bounded by `chunk` rows
-    (by default, about 1 MB of scores per block on CPU and 256 MB on CUDA).
+    (by default, about 1 MB of scores per block on CPU and 256 MB on CUDA). On the CPU the blocks are
+    shared by `num_threads` threads (default ``torch.get_num_threads()``, which follows
+    ``OMP_NUM_THREADS`` and ``torch.set_num_threads``).
     """
     if tie_mode not in ("optimistic", "pessimistic"):
         raise ValueError(f"tie_mode must be 'optimistic' or 'pessimistic', got {tie_mode!r}")
@@ -117,24 +195,14 @@ def retrieval_ranks(
         chunk = max(1, budget // max(1, n_cap * S.element_size()))
     i2t = torch.empty(n_img, dtype=torch.long, device=S.device)
     t2i = torch.zeros(n_cap, dtype=torch.int32, device=S.device)
-    buf = torch.empty(min(chunk, n_img), n_cap, dtype=torch.bool, device=S.device)
-    for a in range(0, n_img, chunk):
-        block = S[a:a + chunk]
-        _check_finite(block, a)
-        hit = buf[: block.shape[0]]
-        if tie_mode == "optimistic":
-            torch.gt(block, pos, out=hit)
-            t2i += hit.sum(0, dtype=torch.int32)
-            torch.gt(block, best[a:a + chunk, None], out=hit)
-        else:
-            torch.ge(block, pos, out=hit)
-            t2i += hit.sum(0, dtype=torch.int32)
-            # negatives tying with the best positive count as ranked above it; positives never do
-            is_gt = c2i[None, :] == torch.arange(a, a + block.shape[0], device=S.device)[:, None]
-            torch.ge(block, best[a:a + chunk, None], out=hit)
-            hit &= ~is_gt
-        i2t[a:a + chunk] = torch.count_nonzero(hit, dim=1)
-    if tie_mode == "pessimistic":
+    strict = tie_mode == "optimistic"
+    if S.device.type == "cpu" and n_img:
+        threads = max(1, min(num_threads or torch.get_num_threads(), -(-n_img // chunk)))
+        _ranks_cpu(S.contiguous(), pos, best, strict, chunk, i2t, t2i, threads)
+    else:
+        _ranks_torch(S, pos, best, strict, chunk, i2t, t2i)
+    if not strict:
+        i2t -= _positive_ties(S, c2i, pos, best)  # own captions never rank above their image
         t2i -= 1  # each caption's own image was counted by >=
     t2i = t2i.long()
     return i2t, t2i

@@ -263,12 +263,13 @@ def sel_loss(im: torch.Tensor, s: torch.Tensor, hardnum: int, margin: float = 0.
 
 
 class _AugmentingTokenizer:
-    """``tokenizer(captions, train=False, rng=None)``; in training it adds ``hardnum`` augmented copies.
+    """``tokenizer(captions, train=False, rng=None)``; in training it returns ``hardnum`` augmented copies.
 
-    Training batches get ``views_input_ids`` / ``views_attention_mask`` / ``views_lengths`` with
-    ``B * hardnum`` rows (row ``i * hardnum + j`` = copy j of caption i) next to the clean
-    ``input_ids``. Random draws come from `rng` (a ``random.Random``) or, by default, from Python's
-    global ``random``, which DataLoader seeds differently in every worker (as upstream relies on).
+    Training batches hold only ``views_input_ids`` / ``views_attention_mask`` / ``views_lengths`` with
+    ``B * hardnum`` rows (row ``i * hardnum + j`` = copy j of caption i): the training loss never reads
+    clean ids, so each caption is encoded ``hardnum`` times, as upstream does. Random draws come from
+    `rng` (a ``random.Random``) or, by default, from Python's global ``random``, which DataLoader seeds
+    differently in every worker (as upstream relies on).
     """
 
     pad_id = 0
@@ -286,12 +287,11 @@ class _AugmentingTokenizer:
     def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
         if isinstance(captions, str):
             captions = [captions]
-        batch = pad_ids([self.encode(c) for c in captions], self.pad_id)
-        if train:
-            rng = _random if rng is None else rng
-            views = [self.augment(c, rng) for c in captions for _ in range(self.hardnum)]
-            batch.update({f"views_{k}": v for k, v in pad_ids(views, self.pad_id).items()})
-        return batch
+        if not train:
+            return pad_ids([self.encode(c) for c in captions], self.pad_id)
+        rng = _random if rng is None else rng
+        views = [self.augment(c, rng) for c in captions for _ in range(self.hardnum)]
+        return {f"views_{k}": v for k, v in pad_ids(views, self.pad_id).items()}
 
 
 class ESAWordTokenizer(_AugmentingTokenizer):

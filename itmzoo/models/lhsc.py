@@ -80,14 +80,16 @@ class LHSCConfig(ModelConfig):
     eval_text_batch_size: int = 100        # caption block size of the reference evaluation (P2)
     sim_group_tokens: int = 256            # words of one caption group per scoring step (CPU)
     sim_group_tokens_cuda: int = 4096      # same on CUDA
+    sim_group_tokens_train: int = 64       # same when autograd records (training step, CPU): smaller
+                                           # saved intermediates are reused by the allocator, not re-mapped
     sim_tile_rows: int = 1024              # image x word rows of the [rows, embed] intermediate per CPU thread
     sim_tile_rows_cuda: int = 262144       # same on CUDA, where big tiles keep the GPU busy
     lowp_attention_scores: bool = False    # under autocast, also the region-word scores in bf16/fp16
 
     def validate(self) -> None:
         for f in ("vocab_size", "img_dim", "word_dim", "embed_size", "sim_dim", "num_regions", "num_layers",
-                  "eval_text_batch_size", "sim_group_tokens", "sim_group_tokens_cuda", "sim_tile_rows",
-                  "sim_tile_rows_cuda"):
+                  "eval_text_batch_size", "sim_group_tokens", "sim_group_tokens_cuda", "sim_group_tokens_train",
+                  "sim_tile_rows", "sim_tile_rows_cuda"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"lhsc: {f} must be positive, got {getattr(self, f)}")
         for f in ("gcn_layers", "text_attn_layers", "vse_mean_warmup_epochs"):
@@ -377,7 +379,8 @@ class LHSC(ITMModel):
     def similarity(self, image_feats: Mapping[str, torch.Tensor], text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[n_images, n_captions]`` of every pair, in (0, 1).
 
-        Captions are processed in groups of about ``sim_group_tokens`` words and, for each group, all
+        Captions are processed in groups of about ``sim_group_tokens`` words (``sim_group_tokens_train``
+        on the CPU when autograd records, ``sim_group_tokens_cuda`` on CUDA) and, for each group, all
         images at once; only the ``[images, words, embed]`` intermediate is tiled (``sim_tile_rows``).
         In train mode the SAF BatchNorm uses per-caption statistics over all images given.
         """
@@ -385,7 +388,11 @@ class LHSC(ITMModel):
         tokens, mask, txt_glo = text_feats["tokens"], text_feats["mask"].bool(), text_feats["global"]
         lengths = mask.sum(1)
         c = self.config
-        groups = _caption_groups(lengths, c.sim_group_tokens_cuda if tokens.is_cuda else c.sim_group_tokens)
+        if tokens.is_cuda:
+            group = c.sim_group_tokens_cuda
+        else:
+            group = c.sim_group_tokens_train if torch.is_grad_enabled() else c.sim_group_tokens
+        groups = _caption_groups(lengths, group)
         # under autocast (bf16/fp16) only the large products run in low precision (the embed -> sim_dim
         # projections and the attention scores); differences that cancel, norms, softmaxes and SAF stay fp32
         lowp = _autocast_dtype(regions.device)

@@ -99,6 +99,25 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
     raise ValueError("empty batch")
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_threads_beside_workers(device: torch.device, num_workers: int) -> int | None:
+    """Torch threads for CPU training beside `num_workers` loader processes, or None to keep the current count.
+
+    Loader workers and compute threads that together exceed the cores make every parallel region wait
+    for a descheduled thread. An explicit ``OMP_NUM_THREADS`` is the user's choice and is kept, as is a
+    count the user lowered with ``torch.set_num_threads`` so that it already fits.
+    """
+    if device.type != "cpu" or num_workers <= 0 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores, now = _cores(), torch.get_num_threads()
+    if now + num_workers <= cores:
+        return None
+    return max(1, cores - num_workers)
+
+
 def _is_terminal(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -240,6 +259,13 @@ class Trainer:
 
         self.log = JsonlLog(self.out_dir / "log.jsonl" if (self.out_dir and self.main) else None)
         self.tb = None
+        threads_before = torch.get_num_threads()
+        threads = cpu_threads_beside_workers(device, cfg.num_workers)
+        if threads is not None:
+            if self.main and self.verbose:
+                print(f"train: {cfg.num_workers} loader worker(s) + {threads_before} torch threads exceed the "
+                      f"{_cores()} cores: using {threads} torch thread(s) (set OMP_NUM_THREADS to choose)")
+            torch.set_num_threads(threads)
         try:
             resumed_from = self._maybe_resume()
             if resumed_from is None:
@@ -262,6 +288,8 @@ class Trainer:
                 self.tb.close()
             if cfg.deterministic and not det_before:
                 torch.use_deterministic_algorithms(False)
+            if threads is not None:
+                torch.set_num_threads(threads_before)
         return TrainResult(self.out_dir, self.step, self.epoch, self.best, self.best_epoch, self.history, self.last_dev)
 
     def _maybe_resume(self) -> Path | None:
