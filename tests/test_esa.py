@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_utils import WORDS, bert_base_uncased_slice, tiny_bert_folder
+from parity_utils import filled_state_dict, load_npz
 
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.data.collate import collate_images
 from itmzoo.models.esa import ESABertTokenizer, ESAWordTokenizer, convert_official, sel_loss
-
-from hf_utils import WORDS, bert_base_uncased_slice, tiny_bert_folder
-from parity_utils import filled_state_dict, load_npz
 
 FIX = Path(__file__).parent / "fixtures" / "esa"
 TOL = 1e-5
@@ -45,7 +44,8 @@ def _upstream_parts(meta: dict, seed: int | None = None) -> tuple[dict, dict]:
 def _tiny_overrides(variant: str, meta: dict) -> dict:
     if variant == "bigru":
         c = meta["config"]
-        return dict(img_dim=c["img_dim"], embed_size=c["embed_size"], word_dim=c["word_dim"], vocab_size=c["vocab_size"])
+        return dict(img_dim=c["img_dim"], embed_size=c["embed_size"], word_dim=c["word_dim"],
+                    vocab_size=c["vocab_size"])
     bert = {k: v for k, v in meta["bert_config"].items() if k != "model_type"}
     return dict(img_dim=meta["config"]["img_dim"], embed_size=meta["config"]["embed_size"], pretrained=None,
                 bert_config=bert)
@@ -310,9 +310,9 @@ def test_bigru_vocab_size_checked(tmp_path):
     vocab_path = _write_vocab(tmp_path, ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"])
     model = itmzoo.build("esa_bigru", img_dim=8, embed_size=8, word_dim=4, vocab_size=8, vocab_path=str(vocab_path))
     with pytest.raises(ValueError, match="vocab_size=8"):
-        model.tokenizer
+        _ = model.tokenizer
     with pytest.raises(ValueError, match="vocab_path"):
-        itmzoo.build("esa_bigru", img_dim=8, embed_size=8, word_dim=4, vocab_size=8).tokenizer
+        _ = itmzoo.build("esa_bigru", img_dim=8, embed_size=8, word_dim=4, vocab_size=8).tokenizer
 
 
 # ------------------------------------------------------------------------------------------------ ensemble
@@ -559,7 +559,8 @@ def test_cli_convert_official_file(tmp_path, capsys):
     path = _official_file(tmp_path, "bert", img, txt)
     bert = {k: v for k, v in meta["bert_config"].items() if k != "model_type"}
     rc = main(["convert", "esa_bert", str(path), str(tmp_path / "native"), "--set", "img_dim=32",
-               "--set", "embed_size=16", "--set", "pretrained=null", "--set", f"bert_config={yaml.safe_dump(bert, default_flow_style=True).strip()}"])
+               "--set", "embed_size=16", "--set", "pretrained=null",
+               "--set", f"bert_config={yaml.safe_dump(bert, default_flow_style=True).strip()}"])
     assert rc == 0, capsys.readouterr().err
     model = itmzoo.load(tmp_path / "native")
     with torch.no_grad():

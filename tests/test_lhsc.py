@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from parity_utils import filled_state_dict, load_npz
 
 import itmzoo
 from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.config import ConfigError
 from itmzoo.eval.similarity import similarity_matrix
-from itmzoo.layers.cross_attention import context_scale, scan_t2i_attention, t2i_attention_packed
 from itmzoo.features import cat_features
+from itmzoo.layers.cross_attention import context_scale, scan_t2i_attention, t2i_attention_packed
 from itmzoo.models.lhsc import LHSCConfig, convert_official
-
-from parity_utils import filled_state_dict, load_npz
 
 FIX = Path(__file__).parent / "fixtures" / "lhsc"
 TOL = 1e-5
@@ -346,7 +345,9 @@ def test_training_groups_give_the_same_scores_and_gradients():
 
 def _reference_loop(model, img, txt) -> torch.Tensor:
     sim = model.sim_enc
-    l2 = lambda x: x / (x.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)
+    def l2(x):
+        return x / (x.pow(2).sum(-1, keepdim=True).sqrt() + 1e-8)
+
     cols = []
     for j in range(txt["tokens"].shape[0]):
         n = int(txt["mask"][j].sum())
@@ -372,7 +373,7 @@ def test_packed_attention_matches_paired_form():
     attn = t2i_attention_packed(regions, words, onehot, seg, 9.0)
     ctx = torch.bmm(attn * context_scale(regions, attn)[..., None], regions)
     start = 0
-    for j, n in enumerate(lengths):
+    for n in lengths:
         w = words[start:start + n][None].expand(3, -1, -1)
         torch.testing.assert_close(ctx[:, start:start + n], scan_t2i_attention(w, regions, 9.0), atol=1e-6, rtol=0)
         start += n

@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from itmzoo.eval.reference import reference_ranks, seeded_sims
 from itmzoo.eval import ensemble_similarity, metrics_from_sims, recall_metrics, retrieval_ranks
+from itmzoo.eval.reference import reference_ranks, seeded_sims
 
 
 def reference_i2t_t2i(sims: np.ndarray):
     r_i2t, r_t2i = reference_ranks(sims)
 
     def summary(r):
-        return [100.0 * len(np.where(r < k)[0]) / len(r) for k in (1, 5, 10)] + [np.floor(np.median(r)) + 1, r.mean() + 1]
+        recalls = [100.0 * len(np.where(r < k)[0]) / len(r) for k in (1, 5, 10)]
+        return recalls + [np.floor(np.median(r)) + 1, r.mean() + 1]
 
     return r_i2t, r_t2i, summary(r_i2t), summary(r_t2i)
 

@@ -88,7 +88,8 @@ class ESAConfig(ModelConfig):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ConfigError(f"ESA: {f} must lie in [0, 1), got {getattr(self, f)}")
         if self.embed_size % 2:
-            raise ConfigError(f"ESA: embed_size must be even (the region MLP is embed_size//2 wide), got {self.embed_size}")
+            raise ConfigError("ESA: embed_size must be even (the region MLP is embed_size//2 wide), "
+                              f"got {self.embed_size}")
 
 
 @dataclasses.dataclass
@@ -107,7 +108,8 @@ class ESABiGRUConfig(ESAConfig):
     def validate(self) -> None:
         super().validate()
         if self.vocab_size is not None and self.vocab_size < 6:
-            raise ConfigError(f"esa_bigru: vocab_size must count the 4 specials, the words and <mask>, got {self.vocab_size}")
+            raise ConfigError("esa_bigru: vocab_size must count the 4 specials, the words and <mask>, "
+                              f"got {self.vocab_size}")
 
 
 @dataclasses.dataclass

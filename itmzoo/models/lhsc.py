@@ -360,7 +360,8 @@ class LHSC(ITMModel):
         regions = self.img_enc(x)
         return {"regions": regions, "global": self.sim_enc.v_global_w(regions)}
 
-    def encode_text(self, batch: Mapping[str, torch.Tensor], text_padding: str | None = None) -> dict[str, torch.Tensor]:
+    def encode_text(self, batch: Mapping[str, torch.Tensor],
+                    text_padding: str | None = None) -> dict[str, torch.Tensor]:
         """``{"tokens": [B, L, D], "mask": [B, L], "global": [B, D]}`` (tokens zero past each length).
 
         With ``text_padding="batch"`` the result depends on ``input_ids.shape[1]`` (the upstream
@@ -376,7 +377,8 @@ class LHSC(ITMModel):
         return {"tokens": tokens, "mask": mask, "global": self.sim_enc.t_global_w(tokens, mask)}
 
     # -- scoring -----------------------------------------------------------------------------------
-    def similarity(self, image_feats: Mapping[str, torch.Tensor], text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def similarity(self, image_feats: Mapping[str, torch.Tensor],
+                   text_feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Scores ``[n_images, n_captions]`` of every pair, in (0, 1).
 
         Captions are processed in groups of about ``sim_group_tokens`` words (``sim_group_tokens_train``
@@ -599,7 +601,8 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
                 continue
             val = given[src]
             if dst in inferred and inferred[dst] != val:
-                raise CheckpointError(f"LHSC checkpoint: opt.{src}={val!r} disagrees with the weights ({inferred[dst]!r})")
+                raise CheckpointError(f"LHSC checkpoint: opt.{src}={val!r} disagrees with the weights "
+                                      f"({inferred[dst]!r})")
             if dst not in inferred:
                 inferred[dst] = float(val) if dst in ("margin", "text_attn_dropout") else val
     return inferred, state, []

@@ -134,7 +134,8 @@ def _fmt_metrics(m: Mapping[str, Any]) -> str:
 class Trainer:
     """Trains `model` on `train_data` (a RetrievalSplit) under `config`; see `fit`."""
 
-    def __init__(self, model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig | Mapping[str, Any] | None = None,
+    def __init__(self, model: torch.nn.Module, train_data: RetrievalSplit,
+                 config: TrainConfig | Mapping[str, Any] | None = None,
                  eval_data: RetrievalSplit | None = None, *, eval_config: EvalOptions | Mapping[str, Any] | None = None,
                  out_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
                  verbose: bool = True) -> None:
@@ -163,7 +164,8 @@ class Trainer:
         if self.cfg.device is not None:
             return torch.device(self.cfg.device)
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if D.is_distributed() else torch.cuda.current_device())
+            index = int(os.environ.get("LOCAL_RANK", "0")) if D.is_distributed() else torch.cuda.current_device()
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def _accum_mode(self) -> str:
@@ -271,7 +273,8 @@ class Trainer:
             if resumed_from is None:
                 self.log.truncate(0)  # a new run: no records of an earlier attempt in the same directory
             if self.main and cfg.tensorboard and self.out_dir is not None:
-                self.tb = TensorBoardLog(self.out_dir / "tensorboard", purge_step=self.step + 1 if resumed_from else None)
+                self.tb = TensorBoardLog(self.out_dir / "tensorboard",
+                                         purge_step=self.step + 1 if resumed_from else None)
             n_train = sum(p.numel() for p in self.params)
             head = {"world_size": self.world, "device": str(device), "amp": self.amp, "accum_mode": self.accum_mode,
                     "micro_batch": micro, "steps_per_epoch": self.steps_per_epoch, "trainable_params": n_train,
@@ -356,7 +359,8 @@ class Trainer:
         D.barrier()
 
     def _stop_nonfinite(self, what: str, value: float, batch_in_epoch: int) -> None:
-        where = f"epoch {self.epoch + 1}, batch {batch_in_epoch} of {self.steps_per_epoch} (optimizer step {self.step + 1})"
+        where = (f"epoch {self.epoch + 1}, batch {batch_in_epoch} of {self.steps_per_epoch} "
+                 f"(optimizer step {self.step + 1})")
         if self._last_ckpt is not None:
             keep = f"the last good checkpoint is {self._last_ckpt[0]} (after step {self._last_ckpt[1]})"
         elif self.out_dir is not None:
@@ -577,7 +581,9 @@ class Trainer:
         if self.tb is not None and "dev" in record:
             self.tb.scalars("dev", record["dev"], self.step)
         if self.main and self.verbose:
-            dev = f"  dev {_fmt_metrics(record['dev'])}{' (best)' if record.get('best') else ''}" if "dev" in record else ""
+            dev = ""
+            if "dev" in record:
+                dev = f"  dev {_fmt_metrics(record['dev'])}{' (best)' if record.get('best') else ''}"
             tqdm.write(f"epoch {self.epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{dev}  ({seconds:.1f} s)")
         for cb in self.callbacks:
             fn = getattr(cb, "on_epoch_end", None)
