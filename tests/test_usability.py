@@ -197,10 +197,10 @@ def test_training_checkpoints_carry_the_vocabulary(tmp_path, monkeypatch):
 
 # -- the README's first example runs as written ----------------------------------------------------------------
 
-def test_readme_first_example_runs(monkeypatch, capsys):
+def test_readme_first_example_runs(monkeypatch, capsys, tmp_path):
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # README says: from any directory
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102  the project's own README
     assert scope["result"]["protocol"] == "full" and scope["result"]["n_images"] == 20
