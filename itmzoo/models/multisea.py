@@ -25,10 +25,12 @@ renames the Agent-Former. Where upstream is random, explicit seeded generators a
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.safe import CheckpointError, strip_prefixes
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, yaml_load
 from ..data.tokenizers import HFTokenizer
 from ..data.transforms import image_transform
 from ..distributed import all_gather_with_grad, get_rank
@@ -48,7 +50,8 @@ from ..losses import hierarchical_itm_loss, queue_itc_loss, sample_hard_negative
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
 
-__all__ = ["TAGS", "TINY_OVERRIDES", "MultiSEA", "MultiSEAConfig", "convert_official", "multisea"]
+__all__ = ["TAGS", "TINY_OVERRIDES", "MultiSEA", "MultiSEAConfig", "convert_official", "multisea",
+           "official_overrides", "read_official_config"]
 
 UPSTREAM = "jim4399266/Multi-SEA @ 3941a497683b405df5943579ca1fd4c28d9a3b45"
 
@@ -435,7 +438,7 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     hp: Mapping[str, Any] = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
         hparams = obj.get("hyper_parameters") or {}
-        hp = hparams.get("config", {}) if isinstance(hparams, Mapping) else {}
+        hp = read_official_config(hparams) if isinstance(hparams, Mapping) else {}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("not a Multi-SEA checkpoint: expected a Lightning .ckpt with 'state_dict' "
@@ -467,6 +470,117 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         overrides["top_k"] = int(hp["top_k"])
     state = {_rename(k): v for k, v in sd.items()}
     return overrides, state, list(UNUSED_OFFICIAL_KEYS)
+
+
+# ------------------------------------------------------------------------------------ the authors' YAML
+
+_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _cast_numbers(value: Any) -> Any:
+    """Number spellings left as text become numbers (YAML 1.1 readers keep ``1e-5`` as a string), and a
+    parenthesised tuple of numbers (the YAML's ``betas: (0.9, 0.98)``, which ``main.py`` evaluates) a tuple."""
+    if isinstance(value, Mapping):
+        return {k: _cast_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_numbers(v) for v in value)
+    if isinstance(value, str):
+        s = value.strip()
+        if _NUMBER.match(s):
+            return float(s) if any(c in s for c in ".eE") else int(s)
+        if s.startswith("(") and s.endswith(")"):
+            try:
+                parsed = ast.literal_eval(s)
+            except (ValueError, SyntaxError):
+                return value
+            if isinstance(parsed, tuple) and all(isinstance(v, (int, float)) for v in parsed):
+                return tuple(float(v) for v in parsed)
+    return value
+
+
+def read_official_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The authors' run configuration as plain numbers: a YAML file (``retrieval_{coco,flickr30k}.yaml``,
+    Lightning's ``hparams.yaml``) or a checkpoint's ``hyper_parameters`` (with or without its ``config`` key).
+
+    Exponent floats (``init_lr: 1e-5``, ``eps: 1e-8``) are floats whichever YAML reader wrote the values:
+    files are read with itmzoo's YAML loader (JSON number spellings, as the authors' ruamel.yaml reads
+    them), and strings that spell a number in an already loaded mapping are cast.
+    """
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Multi-SEA config: no file {path}")
+        with open(path, encoding="utf-8") as f:
+            data = yaml_load(f)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a YAML mapping of the authors' settings, got {type(data).__name__}")
+    if isinstance(data.get("config"), Mapping):  # Lightning: hyper_parameters = {"config": {...}, ...}
+        data = data["config"]
+    return _cast_numbers(data)
+
+
+def _number(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Multi-SEA config: '{key}' must be a number, got {value!r}")
+    return kind(value)
+
+
+def official_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map the authors' settings (`read_official_config`) to itmzoo's ``{"model": ..., "train": ...}`` fields.
+
+    Only keys present are mapped; paths (``vit``, ``tokenizer`` folders, ``data_root``) are left to the caller.
+    """
+    cfg = read_official_config(config)
+    model: dict[str, Any] = {}
+    for src, dst, kind in (("hidden_size", "hidden_size", int), ("num_top_layer", "num_layers", int),
+                           ("num_heads", "num_heads", int), ("mlp_ratio", "mlp_ratio", int),
+                           ("drop_rate", "attn_dropout", float),  # upstream feeds it to the attention only
+                           ("queue_size", "queue_size", int), ("top_k", "top_k", int)):
+        if src in cfg:
+            model[dst] = _number(cfg, src, kind)
+    if "negative_all_rank" in cfg:
+        model["negatives_all_ranks"] = bool(cfg["negative_all_rank"])
+    image = cfg.get("image_encoder_config") or {}
+    for key in ("image_size", "patch_size"):
+        if key in image:
+            model[key] = _number(image, key, int)
+    text = cfg.get("text_encoder_config") or {}
+    if "max_text_len" in text:
+        model["max_text_len"] = _number(text, "max_text_len", int)
+    if "tokenizer_name" in text:
+        model["tokenizer"] = str(text["tokenizer_name"])
+
+    train: dict[str, Any] = {}
+    if "max_epoch" in cfg:
+        train["epochs"] = _number(cfg, "max_epoch", int)
+    if "batch_size" in cfg:
+        train["batch_size"] = _number(cfg, "batch_size", int)
+        if "per_gpu_batch_size" in cfg:  # main.py: batch_size // (per_gpu x devices x nodes)
+            devices = cfg.get("devices", 1)
+            n_dev = devices if isinstance(devices, int) else len(devices)
+            per_step = _number(cfg, "per_gpu_batch_size", int) * max(1, n_dev) * int(cfg.get("num_nodes", 1))
+            train["accum_steps"] = train["batch_size"] // per_step
+            train["batch_size"] = train["accum_steps"] * per_step  # what one optimizer step really sees
+    if "max_grad_norm" in cfg:
+        train["grad_clip"] = _number(cfg, "max_grad_norm", float)
+    if "num_cycles" in cfg:
+        train["num_cycles"] = _number(cfg, "num_cycles", float)
+    if "warmup_steps" in cfg:  # model_base.py: a float is a fraction of the schedule, an int a step count
+        w = _number(cfg, "warmup_steps", type(cfg["warmup_steps"]))
+        train.update({"warmup_ratio": w} if isinstance(w, float) else {"warmup_steps": w})
+    opt = cfg.get("optimizer") or {}
+    for src, dst in (("init_lr", "lr"), ("eps", "eps"), ("weight_decay", "weight_decay")):
+        if src in opt:
+            train[dst] = _number(opt, src, float)
+    if "betas" in opt:
+        betas = opt["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ConfigError(f"Multi-SEA config: 'optimizer.betas' must be two numbers, got {betas!r}")
+        train["betas"] = tuple(float(b) for b in betas)
+    return {"model": model, "train": train}
 
 
 # -------------------------------------------------------------------------------------------- tags + names
