@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 
-from itmzoo.config import ConfigError, apply_overrides
+from itmzoo.config import ConfigError, apply_overrides, load_run_config
+from itmzoo.data.synthetic import SyntheticShapes
+from itmzoo.losses import sample_hard_negatives
 from itmzoo.models.multisea import (
+    TINY_OVERRIDES,
+    MultiSEA,
     MultiSEAConfig,
     convert_official,
     official_overrides,
     read_official_config,
 )
+from itmzoo.train import fit
 from itmzoo.train.config import TrainConfig
+from itmzoo.train.data import ResumableBatchSampler
+from itmzoo.train.engine import steps_per_epoch
 
 # the settings of the authors' retrieval_coco.yaml that matter here (same spellings)
 AUTHORS_YAML = """\
@@ -90,3 +100,71 @@ def test_authors_yaml_errors_are_clear(tmp_path) -> None:
         official_overrides({"top_k": "sixty-four"})
     with pytest.raises(ConfigError, match="betas"):
         official_overrides({"optimizer": {"betas": "(0.9)"}})
+
+
+# ------------------------------------------------------------------------- steps per epoch, 1-image batches
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("name, images, steps", [("coco", 113_287, 227), ("f30k", 30_014, 60)])
+def test_paper_configs_give_upstreams_optimizer_steps_per_epoch(name: str, images: int, steps: int) -> None:
+    """Upstream: DataLoader(drop_last=True) of 20, and Lightning steps on the incomplete window of 25."""
+    run = load_run_config(ROOT / "configs" / f"multisea_{name}.yaml")
+    cfg = TrainConfig.from_dict(run["train"])
+    micro = cfg.batch_size // cfg.accum_steps
+    batches = ResumableBatchSampler(images, micro, drop_last=cfg.drop_last).batches_per_epoch
+    assert (micro, batches) == (20, images // 20)
+    assert steps_per_epoch(cfg, batches) == steps
+    assert cfg.schedule_steps == batches * cfg.epochs // cfg.accum_steps  # upstream's max_steps (floor)
+
+
+def test_sampling_leaves_rows_without_a_candidate_out() -> None:
+    w = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.3, 0.7], [0.5, 0.0, 0.5]])
+    with pytest.raises(ValueError, match=r"rows \[0\] have no candidate"):
+        sample_hard_negatives(w)
+    got = sample_hard_negatives(w, torch.Generator().manual_seed(3), allow_empty=True)
+    assert got[0] == -1
+    assert got[1:].tolist() == sample_hard_negatives(w[1:], torch.Generator().manual_seed(3)).tolist()
+
+
+def tiny(**kw) -> MultiSEA:
+    torch.manual_seed(0)
+    return MultiSEA(apply_overrides(MultiSEAConfig(), {**TINY_OVERRIDES["multisea"], **kw}))
+
+
+def one_image_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1] * 7 + [0] * 5])
+    return {"pixels": torch.randn(1, 3, 32, 32, generator=g), "input_ids": torch.randint(3, 100, (1, 12), generator=g),
+            "attention_mask": mask, "lengths": mask.sum(1), "image_index": torch.tensor([4])}
+
+
+def test_a_one_image_micro_batch_trains_on_its_positive_pair() -> None:
+    model = tiny()
+    model.train()
+    out = model(one_image_batch())
+    assert out["neg_image_for_text"].tolist() == [-1] and out["neg_text_for_image"].tolist() == [-1]
+    assert torch.isfinite(out["loss"]) and out["itm"] > 0
+    out["loss"].backward()
+    assert model.itm_head.weight.grad.abs().sum() > 0  # ITM on the positive pair still trains
+    assert model.text_proj_f.weight.grad.abs().sum() > 0  # and so does ITC (queue negatives)
+    with pytest.raises(ValueError, match="no candidate with another image id"):
+        tiny(missing_negative="error").train()(one_image_batch())
+
+
+def test_an_epoch_ending_in_a_one_image_micro_batch_trains_through_the_trainer() -> None:
+    """5 images in micro-batches of 2 (drop_last false): windows [2, 2] and [1]; both steps train."""
+    tok = ROOT / "configs" / "vocab" / "multisea_synthetic_tokenizer"
+    split = SyntheticShapes({"train": 5}, seed=0, image_size=32).split("train", "pixels")
+    model = tiny(tokenizer=str(tok), max_text_len=24,
+                 text_overrides={**TINY_OVERRIDES["multisea"]["text_overrides"], "vocab_size": 74,
+                                 "max_position_embeddings": 32})
+    before = model.itm_head.weight.detach().clone()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0]["image_index"])))
+    result = fit(model, split, {"epochs": 1, "batch_size": 4, "accum_steps": 2, "drop_last": False,
+                                "optimizer": "adamw", "lr": 1e-3, "progress": False, "log_every": 1})
+    assert seen == [2, 2, 1] and result.steps == 2  # epoch over images: one random caption each
+    assert math.isfinite(result.history[0]["train_loss"])
+    assert not torch.equal(model.itm_head.weight, before)

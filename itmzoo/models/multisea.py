@@ -98,6 +98,10 @@ class MultiSEAConfig(ModelConfig):
     queue_size: int = 1000
     itm_layers: tuple[int, ...] = (2, 4)  # 1-based layers whose [CLS] feeds the ITM head in training
     negatives_all_ranks: bool = True
+    # a caption/image whose micro-batch (all ranks) holds no other image has no hard negative: "skip" leaves
+    # its negative triplet out of ITM (a 1-image last micro-batch trains); "error" stops as upstream would
+    # (upstream's loader drops the smaller last micro-batch, so it never meets one)
+    missing_negative: Literal["skip", "error"] = "skip"
     seed: int | None = 0  # queue init and hard negatives; None: torch's global RNG (upstream, unseeded)
     encoder_lr_mult: float = 0.1
     alpha_lr: float = 1e-4  # absolute, as upstream (not scaled by the base lr)
@@ -321,7 +325,9 @@ class MultiSEA(ITMModel):
                          weights_i2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One negative image per caption and one negative caption per image (indices into the gathered batch)."""
         g = self._generator(weights_t2i.device)
-        return sample_hard_negatives(weights_t2i, g), sample_hard_negatives(weights_i2t, g)
+        skip = self.config.missing_negative == "skip"  # rows without a candidate get index -1
+        return (sample_hard_negatives(weights_t2i, g, allow_empty=skip),
+                sample_hard_negatives(weights_i2t, g, allow_empty=skip))
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
@@ -354,13 +360,16 @@ class MultiSEA(ITMModel):
             w_t2i = F.softmax(ft @ fi_w.t() / self.temp, dim=1).masked_fill(same, 0)
         ei_w, et_w, mt_w = gather(ei), gather(et), gather(mt)
         neg_img, neg_txt = self.sample_negatives(w_t2i, w_i2t)
-        ei_neg, et_neg, mt_neg = ei_w[neg_img], et_w[neg_txt], mt_w[neg_txt]
+        # rows without a negative (-1, missing_negative="skip") drop out of their triplet; else all are kept
+        has_txt, has_img = neg_txt >= 0, neg_img >= 0
+        ei_neg, et_neg, mt_neg = ei_w[neg_img[has_img]], et_w[neg_txt[has_txt]], mt_w[neg_txt[has_txt]]
 
         b = fi.shape[0]
-        image_states = torch.cat([ei, ei, ei_neg])
-        text_states = torch.cat([et, et_neg, et])
-        text_mask = torch.cat([mt, mt_neg, mt])
-        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(fi.device)
+        image_states = torch.cat([ei, ei[has_txt], ei_neg])
+        text_states = torch.cat([et, et_neg, et[has_img]])
+        text_mask = torch.cat([mt, mt_neg, mt[has_img]])
+        n_neg = int(has_txt.sum()) + int(has_img.sum())
+        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]).to(fi.device)
         with self._precision():
             t2i = self.aformer(text_states, text_mask, mode="t2i", context=image_states, output_hidden_states=True)
             i2t = self.aformer(image_states, None, mode="i2t", context=text_states, context_mask=text_mask,
