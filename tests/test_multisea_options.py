@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from itmzoo.config import ConfigError, apply_overrides, load_run_config
+from itmzoo.data.split import RetrievalSplit
 from itmzoo.data.synthetic import SyntheticShapes
+from itmzoo.eval import evaluate
+from itmzoo.eval.recall import METRIC_KEYS
 from itmzoo.losses import sample_hard_negatives
 from itmzoo.models.multisea import (
     TINY_OVERRIDES,
@@ -168,3 +172,57 @@ def test_an_epoch_ending_in_a_one_image_micro_batch_trains_through_the_trainer()
     assert seen == [2, 2, 1] and result.steps == 2  # epoch over images: one random caption each
     assert math.isfinite(result.history[0]["train_loss"])
     assert not torch.equal(model.itm_head.weight, before)
+
+
+# --------------------------------------------------------------------------------- caption de-duplication
+
+def dup_split() -> RetrievalSplit:
+    """3 pictures; image 0 has 'a red square' twice, image 2 'a blue disc' three times (interleaved)."""
+    base = SyntheticShapes({"test": 3}, seed=0, image_size=32).split("test", "pixels").subset([0, 1, 2])
+    caps = ["a red square", "a small red square", "a green ring", "a red square", "a blue disc",
+            "a green ring at the top", "a blue disc", "a big blue disc", "a blue disc"]
+    return RetrievalSplit(images=base.images, captions=caps, caption_to_image=[0, 0, 1, 0, 2, 1, 2, 2, 2],
+                          kind="pixels", name="dups")
+
+
+def test_dedup_stable_keeps_first_occurrences_in_order() -> None:
+    d = dup_split().dedup_captions("stable")
+    assert d.captions == ["a red square", "a small red square", "a green ring", "a blue disc",
+                          "a green ring at the top", "a big blue disc"]
+    assert d.caption_to_image.tolist() == [0, 0, 1, 2, 1, 2]
+    assert dup_split().dedup_captions("stable").captions == d.captions  # deterministic
+
+
+def test_dedup_hash_order_is_upstreams_list_set_per_image() -> None:
+    s = dup_split()
+    d = s.dedup_captions("hash_order")
+    per_image = [[c for c, i in zip(s.captions, s.caption_to_image) if i == k] for k in range(3)]
+    assert d.captions == [c for texts in per_image for c in list(set(texts))]
+    assert d.caption_to_image.tolist() == [0, 0, 1, 1, 2, 2]
+    stable = s.dedup_captions("stable")
+    for k in range(3):  # the same captions per image, only the order may differ
+        assert sorted(np.asarray(d.captions)[d.caption_to_image == k]) == \
+            sorted(np.asarray(stable.captions)[stable.caption_to_image == k])
+    with pytest.raises(ValueError, match="order must be 'stable' or 'hash_order'"):
+        s.dedup_captions("sorted")
+
+
+def test_evaluation_dedups_by_option_or_model_setting() -> None:
+    tok = ROOT / "configs" / "vocab" / "multisea_synthetic_tokenizer"
+    model = tiny(tokenizer=str(tok), max_text_len=24,
+                 text_overrides={**TINY_OVERRIDES["multisea"]["text_overrides"], "vocab_size": 74,
+                                 "max_position_embeddings": 32}).eval()
+    opts = {"progress": False, "rerank_k": 9, "return_sims": True}  # k >= captions: no -100 ties
+    split = dup_split()
+    kept = evaluate(model, split, "full", **opts)
+    assert kept["sims"].i2t.shape == (3, 9) and "dedup_captions" not in kept
+    stable = evaluate(model, split, "full", dedup_captions="stable", **opts)
+    direct = evaluate(model, split.dedup_captions("stable"), "full", **opts)
+    assert stable["dedup_captions"] == {"captions_before": 9, "captions": 6}
+    assert torch.equal(torch.as_tensor(stable["sims"].i2t), torch.as_tensor(direct["sims"].i2t))
+    model.config.eval_dedup = "hash_order"  # the model's setting applies when the option is left out
+    hashed = evaluate(model, split, "full", **opts)
+    assert hashed["dedup_captions"]["captions"] == 6
+    for key in METRIC_KEYS:  # caption order does not change the metrics (no ties with k >= captions)
+        assert hashed[key] == pytest.approx(stable[key]), key
+    assert evaluate(model, split, "full", dedup_captions="none", **opts)["sims"].i2t.shape == (3, 9)

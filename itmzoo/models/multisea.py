@@ -110,6 +110,9 @@ class MultiSEAConfig(ModelConfig):
     top_k: int = 64
     rerank_chunk: int = 64  # pairs per Agent-Former call in score_pairs (memory bound)
     matmul_precision: Literal["fp32", "tf32"] = "fp32"  # upstream ran TF32 on Ampere+ GPUs
+    # repeated captions of an image at evaluation: upstream drops them with list(set(...)) ("hash_order");
+    # "stable" drops them keeping the first occurrences in order; "none" keeps the split as given
+    eval_dedup: Literal["none", "stable", "hash_order"] = "none"
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -302,7 +305,7 @@ class MultiSEA(ITMModel):
             return self.itm_head(cls)[:, 1] + coarse
 
     def eval_settings(self) -> EvalSettings:
-        return EvalSettings(rerank_k=self.config.top_k)
+        return EvalSettings(rerank_k=self.config.top_k, dedup_captions=self.config.eval_dedup)
 
     # -- training ------------------------------------------------------------------------------
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
