@@ -84,16 +84,24 @@ def queue_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch
     return (loss_i2t + loss_t2i) / 2
 
 
-def sample_hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = None, *,
+                          allow_empty: bool = False) -> torch.Tensor:
     """One index per row drawn with probability proportional to ``weights [B, N]`` (positives zeroed).
 
     A row without any non-zero weight (every candidate shares the anchor's image) has no negative:
-    that is an error, not a silent positive.
+    an error, never a silent positive; with `allow_empty` its index is -1 (the caller leaves it out).
+    The other rows draw exactly what they would draw without the empty ones.
     """
     empty = weights.sum(1) <= 0
     if bool(empty.any()):
-        raise ValueError(f"hard-negative sampling: rows {empty.nonzero().flatten().tolist()[:8]} have no candidate "
-                         "with another image id; batches need at least two distinct images (use drop_last)")
+        if not allow_empty:
+            raise ValueError(f"hard-negative sampling: rows {empty.nonzero().flatten().tolist()[:8]} have no "
+                             "candidate with another image id; batches need at least two distinct images "
+                             "(use drop_last)")
+        out = torch.full((weights.shape[0],), -1, dtype=torch.long, device=weights.device)
+        if bool((~empty).any()):
+            out[~empty] = torch.multinomial(weights[~empty], 1, generator=generator).view(-1)
+        return out
     return torch.multinomial(weights, 1, generator=generator).view(-1)
 
 

@@ -134,6 +134,8 @@ def test_keeping_the_last_partial_batch():
     assert set(sum(per_rank[0] + per_rank[1], [])) == set(range(11))
     # with accumulation the partial batch is the last micro-batch of an incomplete window (Lightning's rule)
     assert TrainConfig.from_dict({"batch_size": 8, "accum_steps": 2, "drop_last": False}).drop_last is False
+    with pytest.raises(ConfigError, match="drop_last_window: true needs train.drop_last: true"):
+        TrainConfig.from_dict({"drop_last": False, "drop_last_window": True})
 
 
 def test_fit_trains_on_the_last_partial_batch(data, tmp_path):
@@ -318,11 +320,12 @@ def test_tensorboard_without_the_package_is_a_clear_error(data, tmp_path):
         fit(toy(), tr, {"epochs": 1, "batch_size": 16, "tensorboard": True, "progress": False}, out_dir=tmp_path)
 
 
-@pytest.mark.parametrize("drop_last, grads, steps", [
-    (True, [1.5, 1.5], 1),  # 10 captions in micro-batches of 3: 3 full batches, one whole window of 2
-    (False, [1.5, 1.5, 1.5, 0.5], 2),  # the last batch of 1 is kept and its incomplete window steps
+@pytest.mark.parametrize("drop_last, window, grads, steps", [
+    (True, None, [1.5, 1.5], 1),  # 10 captions in micro-batches of 3: 3 full batches, one whole window of 2
+    (False, None, [1.5, 1.5, 1.5, 0.5], 2),  # the last batch of 1 is kept and its incomplete window steps
+    (True, False, [1.5, 1.5, 1.5], 2),  # the batch of 1 is dropped, the window of one full batch steps
 ])
-def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop_last, grads, steps):
+def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop_last, window, grads, steps):
     """Lightning's rule: every micro-batch loss is divided by accum_steps, also in an incomplete window."""
     split = SyntheticShapes({"train": 2}, region_dim=24, num_regions=5).split("train")  # 10 captions
     model = toy()
@@ -332,7 +335,7 @@ def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop
     seen: list[float] = []
     model.scale.register_hook(lambda g: seen.append(float(g)))
     result = fit(model, split, {"epochs": 1, "batch_size": 6, "accum_steps": 2, "drop_last": drop_last,
-                                "progress": False})
+                                "drop_last_window": window, "progress": False})
     assert result.steps == steps
     assert seen == pytest.approx(grads)
 

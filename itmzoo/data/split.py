@@ -78,6 +78,32 @@ class RetrievalSplit:
             image_ids=[self.image_ids[i] for i in idx] if self.image_ids is not None else None,
         )
 
+    def dedup_captions(self, order: Literal["stable", "hash_order"] = "stable") -> "RetrievalSplit":
+        """The split without repeated captions of an image (the same text twice for one image).
+
+        ``"stable"`` keeps each first occurrence, in caption order. ``"hash_order"`` is ViLT-style
+        ``list(set(texts))`` per image: captions grouped by image, each image's in the order of Python's
+        string hashes, so it changes with ``PYTHONHASHSEED`` (random per process unless set), as upstream.
+        """
+        if order not in ("stable", "hash_order"):
+            raise ValueError(f"dedup_captions: order must be 'stable' or 'hash_order', got {order!r}")
+        per_image: list[list[str]] = [[] for _ in range(self.num_images)]
+        for text, i in zip(self.captions, self.caption_to_image.tolist()):
+            per_image[i].append(text)
+        if order == "hash_order":
+            groups = [list(set(texts)) for texts in per_image]
+            captions = [t for texts in groups for t in texts]
+            c2i = [i for i, texts in enumerate(groups) for _ in texts]
+        else:
+            seen: set[tuple[int, str]] = set()
+            captions, c2i = [], []
+            for text, i in zip(self.captions, self.caption_to_image.tolist()):
+                if (i, text) not in seen:
+                    seen.add((i, text))
+                    captions.append(text)
+                    c2i.append(i)
+        return dataclasses.replace(self, captions=captions, caption_to_image=np.asarray(c2i, dtype=np.int64))
+
     def __repr__(self) -> str:
         return (f"RetrievalSplit(name={self.name!r}, kind={self.kind!r}, images={self.num_images}, "
                 f"captions={self.num_captions})")

@@ -58,6 +58,9 @@ class EvalOptions(ModelConfig):
     block: Optional[tuple[int, int]] = None  # (images, captions) per similarity() call; None: model's, else 256 x 1024
     rerank_k: Optional[int] = None  # two-stage models: candidates re-scored per query; None: the model's, else 128
     pair_batch_size: int = 4096  # two-stage models: second-stage pairs per score_pairs() call (whole queries)
+    # drop repeated captions of an image before scoring: "stable" (first occurrences) or "hash_order"
+    # (ViLT/Multi-SEA's list(set(...))); "none" keeps them; None: the model's eval_settings(), else "none"
+    dedup_captions: Optional[Literal["none", "stable", "hash_order"]] = None
     seed: Optional[int] = None  # seeds torch before scoring; None: the model's eval_settings().seed (often none)
     amp: Optional[Literal["bf16", "fp16"]] = None  # autocast on CUDA for encoding and scoring
     sims_dtype: Literal["float32", "float64"] = "float32"  # float64: the VSE family's numpy matrices

@@ -94,6 +94,29 @@ def _provenance(split: Any, models: Sequence[torch.nn.Module]) -> dict[str, Any]
             "model": [_model_name(m) for m in models] if len(models) > 1 else _model_name(models[0])}
 
 
+def dedup_for_eval(split: Any, models: Sequence[torch.nn.Module], opts: EvalOptions, distributed: bool) -> Any:
+    """`split` without repeated captions of an image when ``eval.dedup_captions`` (else the models) ask for it.
+
+    Under a process group rank 0's ``hash_order`` is used by every rank (string hashes differ per process).
+    """
+    mode = opts.dedup_captions
+    if mode is None:
+        asked = {getattr(m.eval_settings(), "dedup_captions", None) or "none" for m in models}
+        if len(asked) > 1:
+            raise ValueError(f"the models ask for different caption de-duplication {sorted(asked)}; "
+                             "set eval.dedup_captions")
+        mode = asked.pop()
+    if mode == "none":
+        return split
+    out = split.dedup_captions(mode)
+    if distributed and mode == "hash_order":
+        from .. import distributed as D
+
+        captions, c2i = D.broadcast_object((out.captions, out.caption_to_image))
+        out = dataclasses.replace(out, captions=captions, caption_to_image=c2i)
+    return out
+
+
 def evaluate(model: torch.nn.Module, split: Any, protocol: str | None = None, *,
              options: EvalOptions | Mapping[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Encode `split` with `model`, score it under `protocol` and return metrics plus provenance.
@@ -179,6 +202,8 @@ def evaluate_ensemble(models: Sequence[torch.nn.Module], split: Any, protocol: s
     p = get_protocol(protocol)
     dist_on = D.is_distributed() if opts.distributed is None else (opts.distributed and D.is_distributed())
     main = not dist_on or D.is_main_process()
+    n_captions = split.num_captions
+    split = dedup_for_eval(split, models, opts, dist_on)
     folds = protocol_folds(protocol, split.caption_to_image, split.num_images)
     progress = opts.progress and main
     opts = dataclasses.replace(opts, progress=progress)
@@ -218,6 +243,8 @@ def evaluate_ensemble(models: Sequence[torch.nn.Module], split: Any, protocol: s
         fold_sims = [ensemble_similarity([pm[k] for pm in per_model], weights) for k in range(len(folds))]
         out = metrics_from_sims(fold_sims, split.caption_to_image, protocol, tie_mode=opts.tie_mode)
         out.update(_provenance(split, models))
+        if split.num_captions != n_captions or opts.dedup_captions not in (None, "none"):
+            out["dedup_captions"] = {"captions_before": n_captions, "captions": split.num_captions}
         out["seconds"] = seconds
         if dist_on:
             out["world_size"] = D.get_world_size()

@@ -27,6 +27,7 @@ class EvalSettings:
     block: tuple[int, int] | None = None  # (images, captions) per similarity() call
     seed: int | None = None  # for methods that draw random numbers while scoring
     rerank_k: int | None = None  # two-stage models: candidates re-scored per query
+    dedup_captions: str | None = None  # "stable" / "hash_order": drop repeated captions of an image first
 
     def __post_init__(self) -> None:
         for name in ("text_batch_size", "image_batch_size", "rerank_k"):
@@ -35,6 +36,9 @@ class EvalSettings:
                 raise ValueError(f"EvalSettings.{name} must be a positive int or None, got {v!r}")
         if self.block is not None and (len(self.block) != 2 or min(self.block) <= 0):
             raise ValueError(f"EvalSettings.block must be two positive ints, got {self.block!r}")
+        if self.dedup_captions not in (None, "none", "stable", "hash_order"):
+            raise ValueError(f"EvalSettings.dedup_captions must be 'none', 'stable', 'hash_order' or None, "
+                             f"got {self.dedup_captions!r}")
 
 
 ACCUMULATION_POLICIES = ("exact", "naive", "refuse")

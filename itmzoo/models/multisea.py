@@ -25,10 +25,12 @@ renames the Agent-Former. Where upstream is random, explicit seeded generators a
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.safe import CheckpointError, strip_prefixes
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, yaml_load
 from ..data.tokenizers import HFTokenizer
 from ..data.transforms import image_transform
 from ..distributed import all_gather_with_grad, get_rank
@@ -48,7 +50,8 @@ from ..losses import hierarchical_itm_loss, queue_itc_loss, sample_hard_negative
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
 
-__all__ = ["TAGS", "TINY_OVERRIDES", "MultiSEA", "MultiSEAConfig", "convert_official", "multisea"]
+__all__ = ["TAGS", "TINY_OVERRIDES", "MultiSEA", "MultiSEAConfig", "convert_official", "multisea",
+           "official_overrides", "read_official_config"]
 
 UPSTREAM = "jim4399266/Multi-SEA @ 3941a497683b405df5943579ca1fd4c28d9a3b45"
 
@@ -95,6 +98,10 @@ class MultiSEAConfig(ModelConfig):
     queue_size: int = 1000
     itm_layers: tuple[int, ...] = (2, 4)  # 1-based layers whose [CLS] feeds the ITM head in training
     negatives_all_ranks: bool = True
+    # a caption/image whose micro-batch (all ranks) holds no other image has no hard negative: "skip" leaves
+    # its negative triplet out of ITM (a 1-image last micro-batch trains); "error" stops as upstream would
+    # (upstream's loader drops the smaller last micro-batch, so it never meets one)
+    missing_negative: Literal["skip", "error"] = "skip"
     seed: int | None = 0  # queue init and hard negatives; None: torch's global RNG (upstream, unseeded)
     encoder_lr_mult: float = 0.1
     alpha_lr: float = 1e-4  # absolute, as upstream (not scaled by the base lr)
@@ -103,6 +110,9 @@ class MultiSEAConfig(ModelConfig):
     top_k: int = 64
     rerank_chunk: int = 64  # pairs per Agent-Former call in score_pairs (memory bound)
     matmul_precision: Literal["fp32", "tf32"] = "fp32"  # upstream ran TF32 on Ampere+ GPUs
+    # repeated captions of an image at evaluation: upstream drops them with list(set(...)) ("hash_order");
+    # "stable" drops them keeping the first occurrences in order; "none" keeps the split as given
+    eval_dedup: Literal["none", "stable", "hash_order"] = "none"
 
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -295,7 +305,7 @@ class MultiSEA(ITMModel):
             return self.itm_head(cls)[:, 1] + coarse
 
     def eval_settings(self) -> EvalSettings:
-        return EvalSettings(rerank_k=self.config.top_k)
+        return EvalSettings(rerank_k=self.config.top_k, dedup_captions=self.config.eval_dedup)
 
     # -- training ------------------------------------------------------------------------------
     def train_features(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -318,7 +328,9 @@ class MultiSEA(ITMModel):
                          weights_i2t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One negative image per caption and one negative caption per image (indices into the gathered batch)."""
         g = self._generator(weights_t2i.device)
-        return sample_hard_negatives(weights_t2i, g), sample_hard_negatives(weights_i2t, g)
+        skip = self.config.missing_negative == "skip"  # rows without a candidate get index -1
+        return (sample_hard_negatives(weights_t2i, g, allow_empty=skip),
+                sample_hard_negatives(weights_i2t, g, allow_empty=skip))
 
     @torch.no_grad()
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
@@ -351,13 +363,16 @@ class MultiSEA(ITMModel):
             w_t2i = F.softmax(ft @ fi_w.t() / self.temp, dim=1).masked_fill(same, 0)
         ei_w, et_w, mt_w = gather(ei), gather(et), gather(mt)
         neg_img, neg_txt = self.sample_negatives(w_t2i, w_i2t)
-        ei_neg, et_neg, mt_neg = ei_w[neg_img], et_w[neg_txt], mt_w[neg_txt]
+        # rows without a negative (-1, missing_negative="skip") drop out of their triplet; else all are kept
+        has_txt, has_img = neg_txt >= 0, neg_img >= 0
+        ei_neg, et_neg, mt_neg = ei_w[neg_img[has_img]], et_w[neg_txt[has_txt]], mt_w[neg_txt[has_txt]]
 
         b = fi.shape[0]
-        image_states = torch.cat([ei, ei, ei_neg])
-        text_states = torch.cat([et, et_neg, et])
-        text_mask = torch.cat([mt, mt_neg, mt])
-        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(fi.device)
+        image_states = torch.cat([ei, ei[has_txt], ei_neg])
+        text_states = torch.cat([et, et_neg, et[has_img]])
+        text_mask = torch.cat([mt, mt_neg, mt[has_img]])
+        n_neg = int(has_txt.sum()) + int(has_img.sum())
+        labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]).to(fi.device)
         with self._precision():
             t2i = self.aformer(text_states, text_mask, mode="t2i", context=image_states, output_hidden_states=True)
             i2t = self.aformer(image_states, None, mode="i2t", context=text_states, context_mask=text_mask,
@@ -435,7 +450,7 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     hp: Mapping[str, Any] = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
         hparams = obj.get("hyper_parameters") or {}
-        hp = hparams.get("config", {}) if isinstance(hparams, Mapping) else {}
+        hp = read_official_config(hparams) if isinstance(hparams, Mapping) else {}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("not a Multi-SEA checkpoint: expected a Lightning .ckpt with 'state_dict' "
@@ -467,6 +482,117 @@ def convert_official(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor],
         overrides["top_k"] = int(hp["top_k"])
     state = {_rename(k): v for k, v in sd.items()}
     return overrides, state, list(UNUSED_OFFICIAL_KEYS)
+
+
+# ------------------------------------------------------------------------------------ the authors' YAML
+
+_NUMBER = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _cast_numbers(value: Any) -> Any:
+    """Number spellings left as text become numbers (YAML 1.1 readers keep ``1e-5`` as a string), and a
+    parenthesised tuple of numbers (the YAML's ``betas: (0.9, 0.98)``, which ``main.py`` evaluates) a tuple."""
+    if isinstance(value, Mapping):
+        return {k: _cast_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_numbers(v) for v in value)
+    if isinstance(value, str):
+        s = value.strip()
+        if _NUMBER.match(s):
+            return float(s) if any(c in s for c in ".eE") else int(s)
+        if s.startswith("(") and s.endswith(")"):
+            try:
+                parsed = ast.literal_eval(s)
+            except (ValueError, SyntaxError):
+                return value
+            if isinstance(parsed, tuple) and all(isinstance(v, (int, float)) for v in parsed):
+                return tuple(float(v) for v in parsed)
+    return value
+
+
+def read_official_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The authors' run configuration as plain numbers: a YAML file (``retrieval_{coco,flickr30k}.yaml``,
+    Lightning's ``hparams.yaml``) or a checkpoint's ``hyper_parameters`` (with or without its ``config`` key).
+
+    Exponent floats (``init_lr: 1e-5``, ``eps: 1e-8``) are floats whichever YAML reader wrote the values:
+    files are read with itmzoo's YAML loader (JSON number spellings, as the authors' ruamel.yaml reads
+    them), and strings that spell a number in an already loaded mapping are cast.
+    """
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Multi-SEA config: no file {path}")
+        with open(path, encoding="utf-8") as f:
+            data = yaml_load(f)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{path}: expected a YAML mapping of the authors' settings, got {type(data).__name__}")
+    if isinstance(data.get("config"), Mapping):  # Lightning: hyper_parameters = {"config": {...}, ...}
+        data = data["config"]
+    return _cast_numbers(data)
+
+
+def _number(cfg: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Multi-SEA config: '{key}' must be a number, got {value!r}")
+    return kind(value)
+
+
+def official_overrides(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Map the authors' settings (`read_official_config`) to itmzoo's ``{"model": ..., "train": ...}`` fields.
+
+    Only keys present are mapped; paths (``vit``, ``tokenizer`` folders, ``data_root``) are left to the caller.
+    """
+    cfg = read_official_config(config)
+    model: dict[str, Any] = {}
+    for src, dst, kind in (("hidden_size", "hidden_size", int), ("num_top_layer", "num_layers", int),
+                           ("num_heads", "num_heads", int), ("mlp_ratio", "mlp_ratio", int),
+                           ("drop_rate", "attn_dropout", float),  # upstream feeds it to the attention only
+                           ("queue_size", "queue_size", int), ("top_k", "top_k", int)):
+        if src in cfg:
+            model[dst] = _number(cfg, src, kind)
+    if "negative_all_rank" in cfg:
+        model["negatives_all_ranks"] = bool(cfg["negative_all_rank"])
+    image = cfg.get("image_encoder_config") or {}
+    for key in ("image_size", "patch_size"):
+        if key in image:
+            model[key] = _number(image, key, int)
+    text = cfg.get("text_encoder_config") or {}
+    if "max_text_len" in text:
+        model["max_text_len"] = _number(text, "max_text_len", int)
+    if "tokenizer_name" in text:
+        model["tokenizer"] = str(text["tokenizer_name"])
+
+    train: dict[str, Any] = {}
+    if "max_epoch" in cfg:
+        train["epochs"] = _number(cfg, "max_epoch", int)
+    if "batch_size" in cfg:
+        train["batch_size"] = _number(cfg, "batch_size", int)
+        if "per_gpu_batch_size" in cfg:  # main.py: batch_size // (per_gpu x devices x nodes)
+            devices = cfg.get("devices", 1)
+            n_dev = devices if isinstance(devices, int) else len(devices)
+            per_step = _number(cfg, "per_gpu_batch_size", int) * max(1, n_dev) * int(cfg.get("num_nodes", 1))
+            train["accum_steps"] = train["batch_size"] // per_step
+            train["batch_size"] = train["accum_steps"] * per_step  # what one optimizer step really sees
+    if "max_grad_norm" in cfg:
+        train["grad_clip"] = _number(cfg, "max_grad_norm", float)
+    if "num_cycles" in cfg:
+        train["num_cycles"] = _number(cfg, "num_cycles", float)
+    if "warmup_steps" in cfg:  # model_base.py: a float is a fraction of the schedule, an int a step count
+        w = _number(cfg, "warmup_steps", type(cfg["warmup_steps"]))
+        train.update({"warmup_ratio": w} if isinstance(w, float) else {"warmup_steps": w})
+    opt = cfg.get("optimizer") or {}
+    for src, dst in (("init_lr", "lr"), ("eps", "eps"), ("weight_decay", "weight_decay")):
+        if src in opt:
+            train[dst] = _number(opt, src, float)
+    if "betas" in opt:
+        betas = opt["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ConfigError(f"Multi-SEA config: 'optimizer.betas' must be two numbers, got {betas!r}")
+        train["betas"] = tuple(float(b) for b in betas)
+    return {"model": model, "train": train}
 
 
 # -------------------------------------------------------------------------------------------- tags + names

@@ -25,6 +25,9 @@ class TrainConfig(ModelConfig):
     # keep the last, smaller batch of an epoch (and step on an incomplete accumulation window, as
     # Lightning does) instead of dropping it; several upstream recipes train on it
     drop_last: bool = True
+    # the incomplete last accumulation window (whole micro-batches): None = as drop_last; false with
+    # drop_last true steps on it but drops the smaller micro-batch (Lightning over a drop_last DataLoader)
+    drop_last_window: Optional[bool] = None
     # optimiser
     optimizer: Literal["adam", "adamw", "hf_adamw"] = "adam"  # hf_adamw: transformers' old AdamW (ESL-CLIP)
     lr: float = 2e-4
@@ -75,6 +78,9 @@ class TrainConfig(ModelConfig):
         if self.batch_size % self.accum_steps:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.accum_steps "
                               f"({self.accum_steps})")
+        if self.drop_last_window and not self.drop_last:
+            raise ConfigError("train.drop_last_window: true needs train.drop_last: true (dropping the window "
+                              "drops its smaller micro-batch too)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
         if not 0 <= self.warmup_ratio < 1:

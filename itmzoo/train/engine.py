@@ -33,7 +33,7 @@ from .data import make_train_loader, merge_batches
 from .logs import JsonlLog, TensorBoardLog
 from .optim import LRSchedule, apply_freeze, build_optimizer
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit", "seed_everything"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "fit", "seed_everything", "steps_per_epoch"]
 
 # without a terminal, at most one progress line per this many seconds (at log_every steps)
 PROGRESS_LINE_SECONDS = 15.0
@@ -56,6 +56,13 @@ class TrainResult:
     best_epoch: int | None  # counted from 1, as in every printed line, log record and file
     history: list[dict[str, Any]]  # the epoch records of log.jsonl
     last_dev: dict[str, Any] | None
+
+
+def steps_per_epoch(cfg: TrainConfig, micro_batches: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches`: the whole accumulation windows, plus the incomplete
+    last one unless ``drop_last_window`` (default: ``drop_last``) drops it; Lightning steps on it."""
+    drop_window = cfg.drop_last if cfg.drop_last_window is None else cfg.drop_last_window
+    return micro_batches // cfg.accum_steps if drop_window else -(-micro_batches // cfg.accum_steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -238,9 +245,7 @@ class Trainer:
                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                                    drop_last=cfg.drop_last, epoch_over=cfg.epoch_over)
         sampler = loader.sampler
-        A = cfg.accum_steps
-        # without drop_last an incomplete last window still makes an optimizer step (Lightning's rule)
-        self.steps_per_epoch = sampler.batches_per_epoch // A if cfg.drop_last else -(-sampler.batches_per_epoch // A)
+        self.steps_per_epoch = steps_per_epoch(cfg, sampler.batches_per_epoch)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"one epoch holds {sampler.batches_per_epoch} micro-batches, fewer than accum_steps="
                               f"{cfg.accum_steps}")
