@@ -667,6 +667,91 @@ def test_clip_head_parity(name, tmp_path):
     assert meta["no_grad"] == ["sims.calculator_1.temp_scale.weight"] and params["head.temp_scale.weight"].grad is None
 
 
+FULL_CASES = ["clip_full_heuristic", "clip_full_adaptive"]
+
+
+def _full_case(name: str, tmp_path: Path):
+    """The generator's rule for the whole upstream model -> an upstream-layout file -> ``itmzoo.build``."""
+    meta = json.loads((FIX / f"esl_{name}.json").read_text())
+    z = load_npz(FIX / f"esl_{name}.npz")
+    seed, head = meta["seed"], "pool_frames.cross_attn."
+    sd = {}
+    for k, shape in meta["shapes"].items():
+        if k == "clip.logit_scale":
+            v = torch.tensor(meta["logit_scale_init"])
+        elif k.startswith("clip."):
+            v = fill_value(k, tuple(shape), seed, scale=meta["clip_scale"])
+            v = v + 1.0 if re.search(r"ln_\w+\.weight$", k) else v
+        else:
+            v = fill_value(k[len(head):], tuple(shape), seed)
+            if k.endswith("sim_eval.weight"):
+                v = 0.1 * v
+            for pat, off in meta["offsets"].items():
+                if re.fullmatch(pat, k[len(head):]):
+                    v = v + (torch.eye(shape[0]) if off == "eye" else off)
+        sd[k] = v
+    t = meta["tiny_clip"]
+    clip = {"embed_dim": meta["embed_dim"], "image_size": t["image_resolution"], "patch_size": t["vision_patch_size"],
+            "vision_width": t["vision_width"], "vision_layers": t["vision_layers"],
+            "vision_heads": t["vision_width"] // 64, "vocab_size": t["vocab_size"],
+            "text_width": t["transformer_width"], "text_layers": t["transformer_layers"],
+            "text_heads": t["transformer_heads"]}
+    path = tmp_path / "model_best.pth"
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    model = itmzoo.build("esl_clip", checkpoint=str(path), clip=clip, image_size=t["image_resolution"])
+    assert model.config.strategy == meta["strategy"]
+    return meta, z, model
+
+
+@pytest.mark.parametrize("name", FULL_CASES)
+def test_clip_full_path_parity(name, tmp_path):
+    """Upstream's CLIPTransformer with a tiny random CLIP: pixels + token ids -> CLIP vectors -> levels ->
+    similarities -> CLIPLoss (logit scale clamped to ln 100), and float64 gradients of every parameter."""
+    meta, z, model = _full_case(name, tmp_path)
+    model.after_optimizer_step()  # upstream clamps clip.logit_scale after every step; the fixture stores it clamped
+    np.testing.assert_allclose(model.clip.logit_scale.item(), z["logit_scale"], atol=1e-7, rtol=0)
+    ids = _t(z["input_ids"])
+    if 0 in meta["caption_lengths"]:  # the cut caption has no EOT: argmax pools a word, as upstream
+        assert (ids.max(-1).values < meta["tiny_clip"]["vocab_size"] - 1).any()
+    b = {"pixels": _t(z["pixels"]), "input_ids": ids, "attention_mask": (ids > 0).long(), "lengths": (ids > 0).sum(1)}
+    model.eval()
+    with torch.no_grad():
+        img, txt = model.clip.encode_image(b["pixels"]), model.clip.encode_text(ids)
+        li, lt = model.image_levels(b), model.text_levels(b)
+        sims = model.similarity(model.encode_image(b), model.encode_text(b))
+    for ours, key in ((img, "image_features"), (txt, "text_features"), (li, "levels_img"), (lt, "levels_txt"),
+                      (sims, "sims")):
+        np.testing.assert_allclose(ours.numpy(), z[key], atol=TOL, rtol=0, err_msg=key)
+    model.train()
+    with torch.no_grad():
+        loss = model.train_loss(model.train_features(b), b)["loss"]
+    np.testing.assert_allclose(loss.item(), z["loss"], atol=TOL, rtol=0)
+    model = model.double()
+    b["pixels"] = b["pixels"].double()
+    loss = model(b)["loss"]
+    np.testing.assert_allclose(loss.item(), z["loss64"], atol=TOL, rtol=0)
+    loss.backward()
+    params = dict(model.named_parameters())
+    from itmzoo.models.esl import _map_sim_key
+
+    seen = set()
+    for k in z:
+        kind, _, up = k.partition(":")
+        if kind not in ("grad", "grad_head", "grad_proj"):
+            continue
+        ours = up if up.startswith("clip.") else _map_sim_key(up[len("pool_frames.cross_attn."):])
+        seen.add(ours)
+        g = params[ours].grad.reshape(-1)
+        if kind == "grad_proj":
+            proj = fill_value("proj:" + up, (g.numel(),), meta["seed"], scale=1.0).double()
+            np.testing.assert_allclose((g * proj).sum().item(), z[k], atol=TOL, rtol=0, err_msg=k)
+        else:
+            np.testing.assert_allclose(g[: z[k].size].numpy(), z[k], atol=TOL, rtol=0, err_msg=k)
+    # every parameter's gradient was compared, except the one upstream never uses
+    assert meta["no_grad"] == ["pool_frames.cross_attn.sims.calculator_1.temp_scale.weight"]
+    assert set(params) - seen == {"head.temp_scale.weight"}
+
+
 def test_clip_encode_once_equals_head_and_contract():
     model = itmzoo.build("esl_clip", **TINY_OVERRIDES["esl_clip"])
     tok = model.tokenizer

@@ -895,10 +895,11 @@ def convert_official_clip(obj: Any) -> tuple[dict[str, Any], dict[str, torch.Ten
     aggregator keys; CLIP's architecture must be the configured one (ViT-B/16 by default).
     """
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
-    if not isinstance(state, Mapping) or not any(str(k).startswith("clip.") for k in state):
+    # strip `module.` (DataParallel) before looking for the 'clip.*' keys
+    state = strip_prefixes(state) if isinstance(state, Mapping) else None
+    if state is None or not any(str(k).startswith("clip.") for k in state):
         raise CheckpointError("not an ESL-CLIP checkpoint: expected a dict with 'state_dict' holding 'clip.*' and "
                               "'pool_frames.cross_attn.*' keys")
-    state = strip_prefixes(state)
     head_prefix = "pool_frames.cross_attn."
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
