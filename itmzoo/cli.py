@@ -126,6 +126,26 @@ def _interrupted_message(args: argparse.Namespace, out: Path) -> str:
             f"train.ckpt_every steps); nothing to resume in {out}. Start again with: {again}")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model source shared by `eval` and `index`: a native directory, or a registry name + checkpoint."""
+    p.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
+    p.add_argument("--checkpoint", help="official checkpoint file or native directory for --model")
+    p.add_argument("--pretrained", help="native directory written by save_pretrained / itmzoo train (DIR/best)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """One clear error for a missing, doubled or misplaced model source (before anything is built)."""
+    if args.pretrained and Path(args.pretrained).is_file():
+        raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
+                         "(save_pretrained, itmzoo convert, DIR/best of a run); for an authors' checkpoint "
+                         "file use --model NAME --checkpoint FILE")
+    if args.pretrained and (args.model or args.checkpoint):
+        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
+    if not (args.pretrained or args.model):
+        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
+
+
 def _parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
     from .config import parse_dotted
 
@@ -186,14 +206,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                         progress=not args.quiet and sys.stderr.isatty(),
                         return_sims=bool(args.save_sims or args.save_ranks or args.report))
     spec = parse_data_spec(args.data)
-    if args.pretrained and Path(args.pretrained).is_file():
-        raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
-                         "(save_pretrained, itmzoo convert, DIR/best of a run); for an authors' checkpoint "
-                         "file use --model NAME --checkpoint FILE")
-    if args.pretrained and (args.model or args.checkpoint):
-        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
-    if not (args.pretrained or args.model):
-        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
+    _check_model_args(args)
     _, world, local_rank = D.init_from_env()  # under torchrun every rank takes a share of the work
     main = D.is_main_process()
     try:
@@ -347,15 +360,12 @@ def _model_for(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
     (None: random weights, which the index must carry)."""
     from . import api
 
-    if args.pretrained and (args.model or args.checkpoint):
-        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
+    _check_model_args(args)
     overrides = _parse_kv(args.set or [], "--set")
     if args.pretrained:
         if overrides:
             raise ValueError("--set changes the config of --model; a --pretrained directory keeps its own")
         return api.load(args.pretrained), {"pretrained": str(Path(args.pretrained).resolve())}
-    if not args.model:
-        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
     import torch
 
     torch.manual_seed(args.seed)
@@ -522,13 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", parents=[common], help="evaluate a model on a split under a protocol",
                         description="Evaluate a model; launch with torchrun --nproc_per_node=N -m itmzoo.cli eval ... "
                                     "to share encoding and scoring among N processes (rank 0 prints).")
-    pe.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
-    pe.add_argument("--checkpoint", help="official checkpoint file or native directory for --model")
-    pe.add_argument("--pretrained", help="native directory written by save_pretrained / itmzoo train (DIR/best)")
+    _add_model_args(pe)
     pe.add_argument("--data", required=True, help="data spec: 'format=synthetic,split=test', an inline YAML "
                                                   "mapping, or a YAML/JSON file")
     pe.add_argument("--protocol", default="full", help="full, 5fold, f30k-1k, coco-1k-5fold, coco-5k")
-    pe.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
     pe.add_argument("--out", help="write the metrics JSON here")
     pe.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     pe.add_argument("--amp", choices=["bf16", "fp16"], help="encode under autocast (CUDA)")
@@ -557,10 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Encode a gallery (a folder of images, a data split and/or a captions file, "
                                     "one caption per line) once; `itmzoo search` then queries it.")
     px.add_argument("out", help="index directory to write (atomically)")
-    px.add_argument("--model", help="registry name (with --checkpoint: an official or native checkpoint)")
-    px.add_argument("--checkpoint", help="checkpoint file or native directory for --model")
-    px.add_argument("--pretrained", help="native directory (save_pretrained, DIR/best of a run)")
-    px.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    _add_model_args(px)
     px.add_argument("--images", help="folder of pictures (pixel models) or .npy region arrays (region models)")
     px.add_argument("--captions", help="text file, one caption per line")
     px.add_argument("--data", help="a split as for itmzoo eval: 'format=synthetic,split=test', a YAML mapping or file")
