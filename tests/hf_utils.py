@@ -54,3 +54,16 @@ def tiny_bert_folder(path: Path, tokens: Sequence[str], seed: int = 0, **config:
 
 WORDS = SPECIALS + ["a", "man", "riding", "horse", "dog", "runs", "on", "the", "grass", "two", "men", "hi", "b", "c",
                     "d", "e", "f", "g", "x", ".", "##s"]
+
+
+def tiny_hf_clip_config():
+    """A small transformers `CLIPConfig` (the CLIP ViT-B/16 architecture with tiny widths) for key-map tests."""
+    from itmzoo.encoders.backbones import hf_config
+
+    return hf_config("clip-vit-base-patch16", {
+        "projection_dim": 16,
+        "text_config": {"hidden_size": 24, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "vocab_size": 100, "max_position_embeddings": 12, "eos_token_id": 2, "bos_token_id": 0,
+                        "pad_token_id": 1},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
+                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}})

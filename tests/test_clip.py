@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from hf_utils import tiny_hf_clip_config
 
 from itmzoo.config import ConfigError
 from itmzoo.encoders.clip import CLIP, CLIPConfig, openai_state_from_hf
@@ -149,15 +150,7 @@ def test_matches_transformers_clip_through_the_key_map():
     """transformers' CLIPModel (an independent implementation) with the same weights gives the same features."""
     from transformers import CLIPModel
 
-    from itmzoo.encoders.backbones import hf_config
-
-    cfg = hf_config("clip-vit-base-patch16", {
-        "projection_dim": 16,
-        "text_config": {"hidden_size": 24, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "vocab_size": 100, "max_position_embeddings": 12, "eos_token_id": 2, "bos_token_id": 0,
-                        "pad_token_id": 1},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}})
+    cfg = tiny_hf_clip_config()
     torch.manual_seed(0)
     hf = CLIPModel(cfg).eval()
     with torch.no_grad():  # non-trivial LayerNorm and bias values

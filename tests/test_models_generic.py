@@ -2,7 +2,7 @@
 
 Each name of `itmzoo.list_models()` is built from the `tiny` overrides declared beside its tags, with
 random weights and no downloads (word-vocabulary models use the package's synthetic vocabulary); a
-config field `tokenizer` (an HF tokenizer folder or hub id) gets a tiny WordPiece folder made here once.
+config field `tokenizer` (an HF tokenizer folder or hub id) gets the package's synthetic WordPiece folder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import itmzoo
-from itmzoo.data import SyntheticShapes
+from itmzoo.data import SYNTHETIC_WORDPIECE, SyntheticShapes
 from itmzoo.data.collate import ImageCollate, PairCollate, PairDataset, TextCollate, eval_loaders
 from itmzoo.eval import encode_split, similarity_matrix
 from itmzoo.models.base import ACCUMULATION_POLICIES, ITMModel
@@ -30,16 +30,9 @@ NAMES = itmzoo.list_models()
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer_dir(tmp_path_factory) -> str:
-    """A tiny WordPiece tokenizer folder over the synthetic captions' words (ids < 120)."""
-    from transformers import BertTokenizerFast
-
-    words = sorted(json.loads(SCAN_VOCAB.read_text())["word2idx"])
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w in words if not w.startswith("<")]
-    d = tmp_path_factory.mktemp("tiny_bert_tok")
-    (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True).save_pretrained(str(d))
-    return str(d)
+def hf_tokenizer_dir() -> str:
+    """The package's WordPiece folder over the synthetic captions' words (76 ids)."""
+    return SYNTHETIC_WORDPIECE
 
 
 def tiny_model(name: str, hf_tokenizer_dir: str) -> ITMModel:

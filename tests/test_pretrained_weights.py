@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+from hf_utils import tiny_hf_clip_config
 
 from itmzoo.checkpoints.safe import CheckpointError
 from itmzoo.checkpoints.torchscript import read_torchscript_state
@@ -106,13 +107,7 @@ def test_wrong_architecture_and_missing_file_are_one_line_errors(openai_archive,
 def test_transformers_clip_folder(tmp_path):
     from transformers import CLIPModel
 
-    cfg = hf_config("clip-vit-base-patch16", {
-        "projection_dim": 16,
-        "text_config": {"hidden_size": 24, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 2,
-                        "vocab_size": 100, "max_position_embeddings": 12, "eos_token_id": 2, "bos_token_id": 0,
-                        "pad_token_id": 1},
-        "vision_config": {"hidden_size": 32, "intermediate_size": 128, "num_hidden_layers": 3,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8}})
+    cfg = tiny_hf_clip_config()
     torch.manual_seed(1)
     hf = CLIPModel(cfg).eval()
     hf.save_pretrained(tmp_path / "clip")
