@@ -13,10 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import itmzoo
+from itmzoo.data.synthetic import SYNTHETIC_VOCAB
 from itmzoo.eval import evaluate
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-VOCAB = str(Path(__file__).resolve().parents[1] / "configs" / "vocab" / "synthetic_shapes_vocab.json")
+VOCAB = SYNTHETIC_VOCAB
 # small blocks and batches, so both ranks get blocks, batches and second-stage queries
 OPTS = {"batch_size": 6, "block": (5, 16), "pair_batch_size": 12, "progress": False, "return_sims": True}
 LHSC = {"img_dim": 16, "word_dim": 8, "embed_size": 8, "sim_dim": 4, "num_regions": 4, "vocab_size": 74,

@@ -12,7 +12,6 @@ import fnmatch
 import io
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,6 @@ from itmzoo.eval import encode_split, similarity_matrix
 from itmzoo.models.base import ACCUMULATION_POLICIES, ITMModel
 from itmzoo.registry import get_entry
 
-ROOT = Path(__file__).resolve().parents[1]
-SCAN_VOCAB = ROOT / "configs" / "vocab" / "synthetic_shapes_vocab.json"
 NAMES = itmzoo.list_models()
 
 

@@ -16,6 +16,7 @@ import torch
 import itmzoo
 from itmzoo.config import ConfigError, ModelConfig
 from itmzoo.data.split import RetrievalSplit
+from itmzoo.data.synthetic import SYNTHETIC_VOCAB
 from itmzoo.eval import (
     DirectionalScores,
     EvalOptions,
@@ -29,7 +30,7 @@ from itmzoo.eval.rerank import FILL
 from itmzoo.models.base import EvalSettings, ITMModel
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = str(ROOT / "configs" / "vocab" / "synthetic_shapes_vocab.json")
+VOCAB = SYNTHETIC_VOCAB
 DIM, FIRST_DIMS = 6, 2
 
 

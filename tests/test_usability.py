@@ -25,13 +25,14 @@ from itmzoo.cli import main
 from itmzoo.config import ConfigError, config_from_dict, load_run_config
 from itmzoo.data import SyntheticShapes, Vocab
 from itmzoo.data.readers import DataError, read_precomp
+from itmzoo.data.synthetic import SYNTHETIC_VOCAB
 from itmzoo.data.writers import write_precomp
 from itmzoo.train.config import TrainConfig
 from itmzoo.train.lock import RunDirLocked, RunLock
 from itmzoo.train.run import parse_run_config, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-SYN_VOCAB = ROOT / "configs" / "vocab" / "synthetic_shapes_vocab.json"
+SYN_VOCAB = Path(SYNTHETIC_VOCAB)
 DATA = {"format": "synthetic", "kind": "regions", "region_dim": 24, "num_regions": 5,
         "num_images": {"train": 24, "dev": 8, "test": 10}}
 RUN = {
