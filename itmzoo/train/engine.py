@@ -399,7 +399,8 @@ class Trainer:
         total: dict[str, torch.Tensor] = {}
         n = self.cfg.accum_steps
         for i, mb in enumerate(micro):
-            with self._sync_ctx(i == n - 1):
+            # the last micro-batch of the window syncs DDP gradients, also in an incomplete last window
+            with self._sync_ctx(i == len(micro) - 1):
                 with self._autocast():
                     out = self.step_module(mb, "loss")
                 vals = self._global_scalars(_scalars(out))
@@ -612,7 +613,7 @@ class Trainer:
         opts = dataclasses.replace(self.eval_cfg, device=str(self.device), progress=False, return_sims=False)
         with torch.random.fork_rng(devices=devices):
             out = evaluate(self.model, self.eval_data, self.eval_cfg.dev_protocol or "full", options=opts)
-        return {k: v for k, v in out.items() if k not in ("sims",)}
+        return out
 
 
 def fit(model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig | Mapping[str, Any] | None = None,
