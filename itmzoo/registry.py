@@ -196,13 +196,12 @@ def register_model(
         raise RegistryError(f"register_model('{name}'): config must be a dataclass type")
     if default_tag is not None and default_tag not in (tags or {}):
         raise RegistryError(f"register_model('{name}'): default tag '{default_tag}' is not among its tags")
-    try:  # a tag or a tiny build that names a wrong field fails here, at import, not in some later test
-        for label, overrides in ([("tiny", tiny or {})]
-                                 + [(f"tag '{t}'", tg.overrides) for t, tg in (tags or {}).items()]):
-            _ = label
+    # a tag or a tiny build that names a wrong field fails here, at import, not in some later test
+    for label, overrides in [("tiny", tiny or {})] + [(f"tag '{t}'", tg.overrides) for t, tg in (tags or {}).items()]:
+        try:
             apply_overrides(config(), overrides)
-    except ConfigError as e:
-        raise RegistryError(f"register_model('{name}'), {label}: {e}") from e
+        except ConfigError as e:
+            raise RegistryError(f"register_model('{name}'), {label}: {e}") from e
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         current = _REGISTRY.get(name)

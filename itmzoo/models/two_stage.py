@@ -23,7 +23,7 @@ import torch
 from ..config import ConfigError, ModelConfig, config_to_dict
 from ..data.synthetic import SYNTHETIC_VOCAB
 from ..features import Features, slice_features
-from ..registry import RegistryError, register_model, resolve_config
+from ..registry import RegistryError, instantiate, register_model, resolve_config
 from .base import EvalSettings, ITMModel
 
 __all__ = ["TwoStage", "TwoStageConfig"]
@@ -109,9 +109,7 @@ def _unpack(feats: Mapping[str, torch.Tensor], part: str) -> Features:
 
 def _build_part(name: str, overrides: Mapping[str, Any]) -> ITMModel:
     entry, cfg = resolve_config(name, overrides)
-    model = entry.fn(cfg)
-    model.registry_name = entry.name
-    return model
+    return instantiate(entry.name, cfg)
 
 
 class TwoStage(ITMModel):
