@@ -59,8 +59,8 @@ def hinge_triplet_loss(scores: torch.Tensor, margin: float = 0.2, max_violation:
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
                      logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP ITC) on L2-normalised embeddings."""
-    logits = logit_scale * image_emb @ text_emb.t()
+    """Symmetric InfoNCE (CLIP ITC): ``logit_scale x image_emb text_embᵀ``, the diagonal as targets."""
+    logits = (image_emb @ text_emb.t()) * logit_scale
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 

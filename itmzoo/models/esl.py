@@ -58,8 +58,9 @@ from ..encoders.hf_text import (
     encode_word_pieces,
     load_hf_tokenizer,
 )
-from ..encoders.regions import RegionFeatureEncoder
-from ..losses import hinge_triplet_loss, l2norm, positive_mask
+from ..encoders.regions import RegionFeatureEncoder, region_mask
+from ..features import sequence_mask
+from ..losses import contrastive_loss, hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, expected_recalls, register_model
 from .base import EvalSettings, ITMModel
 
@@ -532,13 +533,8 @@ class ESL(ITMModel):
 
     # -- encoding ---------------------------------------------------------------------------------
     def _region_mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        regions = batch["regions"]
-        B, R = regions.shape[:2]
-        lengths = batch.get("region_lengths")
-        if not self.config.mask_padded_regions or lengths is None:
-            # faithful: every row of the (padded) batch is a region
-            return torch.ones(B, R, dtype=torch.bool, device=regions.device)
-        return torch.arange(R, device=regions.device)[None] < lengths.to(regions.device)[:, None]
+        # faithful: every row of the (padded) batch is a region
+        return region_mask(batch["regions"], batch.get("region_lengths") if self.config.mask_padded_regions else None)
 
     def image_levels(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"tokens": [B, R, 1022], "mask": [B, R]}``: region embeddings and their levels."""
@@ -553,7 +549,7 @@ class ESL(ITMModel):
         """``{"tokens": [B, L, 1022], "mask": [B, L]}``: token embeddings and their levels (0 on padding)."""
         ids, lengths = batch["input_ids"], batch["lengths"].to(batch["input_ids"].device)
         emb = self.txt_enc(ids)
-        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        mask = sequence_mask(lengths, ids.shape[1])
         lv = self.txt_levels(emb, normalized_chain=self.config.normalize_text_chain)
         return {"tokens": lv * mask.unsqueeze(-1).to(lv.dtype), "mask": mask}
 
@@ -791,11 +787,7 @@ class ESLCLIP(ITMModel):
         from ..distributed import gather_features
 
         f = gather_features(dict(feats))
-        sims = self.head.fold(f["image"]) @ f["text"].t()
-        logits = sims * self.clip.logit_scale.exp()
-        target = torch.arange(logits.shape[0], device=logits.device)
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
-        return {"loss": loss}
+        return {"loss": contrastive_loss(self.head.fold(f["image"]), f["text"], self.clip.logit_scale.exp())}
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():

@@ -58,6 +58,7 @@ from ..encoders.hf_text import (
     load_hf_tokenizer,
 )
 from ..encoders.vit import VIT_ARCH, build_vit, vit_state_for
+from ..features import sequence_mask
 from ..losses import hinge_triplet_loss, positive_mask
 from ..registry import Tag, register_model
 from .base import EvalSettings, ITMModel
@@ -322,7 +323,7 @@ class SCTA(ITMModel):
         if not self.training:  # upstream stores max_word embeddings per caption for evaluation
             tokens = tokens[:, : self.config.max_word]
             lengths = lengths.clamp(max=self.config.max_word)
-        mask = torch.arange(tokens.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        mask = sequence_mask(lengths, tokens.shape[1])
         return {"tokens": tokens, "mask": mask}
 
     # -- fc2 draws ---------------------------------------------------------------------------------
@@ -390,7 +391,7 @@ class SCTA(ITMModel):
         aggr = torch.bmm(att, words)                                               # [Bt, k, C]
         caps = F.normalize(torch.cat([txt[:, :1], aggr], 1), dim=-1)
         kk = torch.tensor(ks, device=txt.device)
-        cap_mask = torch.arange(kmax + 1, device=txt.device)[None, :] <= kk[:, None]
+        cap_mask = sequence_mask(kk + 1, kmax + 1)
         caps = caps * cap_mask[..., None]
         return caps, cap_mask, q
 
