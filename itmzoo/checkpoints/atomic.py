@@ -24,9 +24,9 @@ def current_umask() -> int:
     return mask
 
 
-def _usual_mode(path: Path, directory: bool) -> None:
+def _usual_mode(path: Path, directory: bool, umask: int | None = None) -> None:
     # mkstemp/mkdtemp create 0600/0700; a finished file gets what open()/mkdir() would have given it
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+    os.chmod(path, (0o777 if directory else 0o666) & ~(current_umask() if umask is None else umask))
 
 
 @contextlib.contextmanager
@@ -68,8 +68,9 @@ def atomic_dir(directory: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         # the directory from mkdtemp, and files that writers create privately (safetensors writes 0600)
+        umask = current_umask()  # once, not per file
         for sub in [tmp, *tmp.rglob("*")]:
-            _usual_mode(sub, directory=sub.is_dir())
+            _usual_mode(sub, directory=sub.is_dir(), umask=umask)
         if old.exists():
             shutil.rmtree(old)
         if directory.exists():

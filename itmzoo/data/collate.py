@@ -115,7 +115,7 @@ class ImagePairDataset(Dataset):
     def __init__(self, split: RetrievalSplit, transform: Callable[[Any], torch.Tensor]) -> None:
         self.split, self.transform = split, transform
         order = np.argsort(split.caption_to_image, kind="stable")
-        counts = np.bincount(split.caption_to_image, minlength=split.num_images)
+        counts = split.captions_per_image()
         self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self._counts, self._order = counts, order
 

@@ -441,7 +441,8 @@ def load_clip_pretrained(model: CLIP, source, state: dict[str, torch.Tensor] | N
     except (ValueError, KeyError) as e:
         raise BackboneError(f"{source}: {e}") from None
     dropped = unused_pretrained_keys(model.cfg, state)
-    kept = {k: v for k, v in state.items() if k not in set(dropped)}
+    drop = set(dropped)
+    kept = {k: v for k, v in state.items() if k not in drop}
     try:
         load_state_strict(model, kept, source=str(source),
                           hint="the file holds a different CLIP architecture than the configured one")

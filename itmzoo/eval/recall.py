@@ -83,7 +83,7 @@ def _check_finite(block: torch.Tensor, row_offset: int) -> None:
     )
 
 
-def _positive_ties(S: torch.Tensor, c2i: torch.Tensor, pos: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+def _positive_ties(c2i: torch.Tensor, pos: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     """Per image, how many of its own captions score >= its best one (>= 1): the pessimistic i2t count of
     ``block >= best`` includes them, but other ground-truth captions never count against an image."""
     return torch.bincount(c2i, weights=(pos >= best[c2i]).double(), minlength=best.numel()).long()
@@ -202,7 +202,7 @@ def retrieval_ranks(
     else:
         _ranks_torch(S, pos, best, strict, chunk, i2t, t2i)
     if not strict:
-        i2t -= _positive_ties(S, c2i, pos, best)  # own captions never rank above their image
+        i2t -= _positive_ties(c2i, pos, best)  # own captions never rank above their image
         t2i -= 1  # each caption's own image was counted by >=
     t2i = t2i.long()
     return i2t, t2i
