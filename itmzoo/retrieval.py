@@ -26,9 +26,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .features import Features, cat_features, features_len, features_to
+from .eval.similarity import encode_batches
+from .features import Features, features_len
 
 __all__ = ["Retriever", "SearchResult", "encode_captions", "encode_images", "faiss_available", "prepare_image"]
 
@@ -125,16 +125,12 @@ def _encode(model: Any, fn: Any, make_batch: Any, n: int, batch_size: int, devic
     device = torch.device(device) if device is not None else model.device
     was_training = model.training
     model.eval()
-    parts = []
+    if n == 0:
+        raise ValueError(f"nothing to encode ({desc}: an empty list)")
     try:
-        for idx in tqdm(list(_batches(n, batch_size)), desc=desc, disable=not progress, leave=False):
-            batch = features_to(make_batch(idx), device)
-            parts.append(features_to(fn(batch), "cpu", torch.float32))
+        return encode_batches(fn, map(make_batch, _batches(n, batch_size)), device, None, "cpu", desc, progress)
     finally:
         model.train(was_training)
-    if not parts:
-        raise ValueError(f"nothing to encode ({desc}: an empty list)")
-    return cat_features(parts)
 
 
 def encode_captions(model: Any, captions: str | Sequence[str], batch_size: int | None = None,

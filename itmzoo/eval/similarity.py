@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..features import Features, cat_features, features_len, features_to, slice_features
 
-__all__ = ["autocast_context", "block_tiles", "encode_split", "similarity_matrix"]
+__all__ = ["autocast_context", "block_tiles", "encode_batches", "encode_split", "similarity_matrix"]
 
 
 def autocast_context(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
@@ -23,17 +23,14 @@ def autocast_context(device: torch.device, amp: str | None) -> contextlib.Abstra
     return torch.autocast("cuda", dtype=dtypes[amp])
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
-def _encode(fn, loader: Iterable, device: torch.device, amp: str | None, keep_on: torch.device | str, desc: str,
-            progress: bool) -> Features:
+def encode_batches(fn: Any, loader: Iterable, device: torch.device, amp: str | None = None,
+                   keep_on: torch.device | str = "cpu", desc: str = "encode", progress: bool = False) -> Features:
+    """`fn` (an encoder) over collated batches moved to `device`, features joined on `keep_on` in float32."""
     parts = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         with autocast_context(device, amp):
-            feats = fn(_to_device(batch, device))
+            feats = fn(features_to(batch, device))
         parts.append(features_to(feats, keep_on, torch.float32))
     return cat_features(parts)
 
@@ -100,7 +97,9 @@ def encode_split(model: torch.nn.Module, split: Any, batch_size: int = 128, devi
                 mine = _shard(n, bs, rank, world)
                 loader = torch.utils.data.DataLoader(Subset(loader.dataset, mine), batch_size=bs, shuffle=False,
                                                      num_workers=num_workers, collate_fn=loader.collate_fn)
-            feats = _encode(fn, loader, device, amp, keep_on, f"encode {what}", progress) if len(loader) else None
+            feats = None
+            if len(loader):
+                feats = encode_batches(fn, loader, device, amp, keep_on, f"encode {what}", progress)
             if world > 1:
                 layouts: list[Any] = [None] * world
                 torch.distributed.all_gather_object(layouts, None if feats is None else _layout(feats))
