@@ -300,6 +300,10 @@ def test_cli_eval_saves_sims_and_ranks_that_give_its_metrics(tmp_path, capsys):
     ranks = json.loads((tmp_path / "r.json").read_text())["folds"][0]
     assert np.mean([q["rank"] <= 5 for q in ranks["t2i"]]) * 100 == pytest.approx(metrics["t2i_r5"], abs=1e-6)
     assert np.mean([q["rank"] == 1 for q in ranks["i2t"]]) * 100 == pytest.approx(metrics["i2t_r1"], abs=1e-6)
+    # and an independent count from the saved matrix: an image's top caption is one of its own
+    own_top = np.array([c2i[sims[i].argmax()] == i for i in range(sims.shape[0])])
+    assert own_top.mean() * 100 == pytest.approx(metrics["i2t_r1"], abs=1e-6)
+    assert [q["rank"] == 1 for q in ranks["i2t"]] == own_top.tolist()
     assert ranks["t2i"][7]["caption_text"] and ranks["i2t"][0]["image_id"] == "shapes_test_000000"
 
 
@@ -348,6 +352,9 @@ def test_eval_report_is_self_contained_and_agrees_with_the_metrics(tmp_path, cap
     curves = recall_curves(sims, split)
     for d in ("i2t", "t2i"):
         assert [curves[d][k - 1] for k in (1, 5, 10)] == pytest.approx([metrics[f"{d}_r{k}"] for k in (1, 5, 10)])
+    c2i = torch.as_tensor(split.caption_to_image)  # R@1 counted by hand, not through the rank code
+    assert curves["t2i"][0] == pytest.approx((sims.argmax(0) == c2i).double().mean().item() * 100)
+    assert curves["i2t"][0] == pytest.approx((c2i[sims.argmax(1)] == torch.arange(10)).double().mean().item() * 100)
     picks = np.linspace(0, 49, 8).round().astype(int)
     hits = sum(int(split.caption_to_image[j] in sims[:, j].topk(5).indices.tolist()) for j in picks)
     caption_rows = page.split("Caption &rarr; images")[1].split("Image &rarr; captions")[0]
