@@ -24,6 +24,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from ..threads import block_threads, run_blocks
+
 TieMode = Literal["optimistic", "pessimistic"]
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = (
@@ -107,55 +109,33 @@ def _ranks_torch(S: torch.Tensor, pos: torch.Tensor, best: torch.Tensor, strict:
 
 def _ranks_cpu(S: torch.Tensor, pos: torch.Tensor, best: torch.Tensor, strict: bool, chunk: int,
                i2t: torch.Tensor, t2i: torch.Tensor, n_threads: int) -> None:
-    """The rank pass on the CPU: each of `n_threads` Python threads takes the next cache-sized row block
-    (numpy releases the GIL), so there is no barrier per block and a descheduled thread only delays its
-    own block (torch's intra-op threads would wait for each other after every small op, which on a
-    machine with a busy core costs a scheduler slice each time)."""
-    import threading
-
+    """The rank pass on the CPU: `n_threads` threads each take the next cache-sized row block and run
+    numpy on it (`itmzoo.threads.run_blocks`), each with its own t2i vote counts."""
     if S.dtype not in (torch.float32, torch.float64):
         S = S.float()  # exact for fp16/bf16, so comparisons are unchanged
     A, p, b = S.numpy(), pos.to(S.dtype).numpy(), best.to(S.dtype).numpy()
     out_i2t = i2t.numpy()
     cmp = np.greater if strict else np.greater_equal
     n_img, n_cap = A.shape
-    blocks = iter(range(0, n_img, chunk))
-    lock = threading.Lock()
-    totals: list[np.ndarray] = []
-    errors: list[BaseException] = []
 
-    def work() -> None:
-        votes = np.zeros(n_cap, dtype=np.int32)
-        hit = np.empty((min(chunk, n_img), n_cap), dtype=bool)
-        try:
-            while True:
-                with lock:
-                    a = next(blocks, None)
-                if a is None or errors:
-                    break
-                block = A[a:a + chunk]
-                h = hit[: block.shape[0]]
-                with np.errstate(all="ignore"):  # inf - inf in the row sums means "look closer", not a warning
-                    finite = np.isfinite(block.sum(1)).all() or np.isfinite(block).all()
-                if not finite:
-                    _check_finite(torch.from_numpy(block), a)  # raises with the positions
-                cmp(block, p, out=h)
-                votes += h.sum(0, dtype=np.int32)
-                cmp(block, b[a:a + chunk, None], out=h)
-                out_i2t[a:a + chunk] = h.sum(1)
-        except BaseException as e:  # re-raised in the caller's thread
-            errors.append(e)
-        totals.append(votes)
+    def scratch() -> tuple[np.ndarray, np.ndarray]:  # (votes, comparison buffer) of one thread
+        return np.zeros(n_cap, dtype=np.int32), np.empty((min(chunk, n_img), n_cap), dtype=bool)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(n_threads - 1)]
-    for w in workers:
-        w.start()
-    work()
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-    t2i += torch.from_numpy(sum(totals))
+    def work(a: int, st: tuple[np.ndarray, np.ndarray]) -> None:
+        votes, hit = st
+        block = A[a:a + chunk]
+        h = hit[: block.shape[0]]
+        with np.errstate(all="ignore"):  # inf - inf in the row sums means "look closer", not a warning
+            finite = np.isfinite(block.sum(1)).all() or np.isfinite(block).all()
+        if not finite:
+            _check_finite(torch.from_numpy(block), a)  # raises with the positions
+        cmp(block, p, out=h)
+        votes += h.sum(0, dtype=np.int32)
+        cmp(block, b[a:a + chunk, None], out=h)
+        out_i2t[a:a + chunk] = h.sum(1)
+
+    states = run_blocks(range(0, n_img, chunk), work, n_threads, scratch)
+    t2i += torch.from_numpy(sum(votes for votes, _ in states))
 
 
 @torch.no_grad()
@@ -197,7 +177,7 @@ def retrieval_ranks(
     t2i = torch.zeros(n_cap, dtype=torch.int32, device=S.device)
     strict = tie_mode == "optimistic"
     if S.device.type == "cpu" and n_img:
-        threads = max(1, min(num_threads or torch.get_num_threads(), -(-n_img // chunk)))
+        threads = block_threads(-(-n_img // chunk), num_threads or None)
         _ranks_cpu(S.contiguous(), pos, best, strict, chunk, i2t, t2i, threads)
     else:
         _ranks_torch(S, pos, best, strict, chunk, i2t, t2i)

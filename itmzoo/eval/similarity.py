@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+import threading
+from typing import Any, Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..features import Features, cat_features, features_len, features_to, slice_features
+from ..threads import block_threads, run_blocks
 
 __all__ = ["autocast_context", "block_tiles", "encode_batches", "encode_split", "similarity_matrix"]
 
@@ -131,32 +133,61 @@ def block_tiles(n_img: int, n_txt: int, block: tuple[int, int]) -> list[tuple[in
     return [(i, j, min(bi, n_img - i), min(bt, n_txt - j)) for i in range(0, n_img, bi) for j in range(0, n_txt, bt)]
 
 
+def _score_tile(model: torch.nn.Module, image_feats: Features, text_feats: Features, tile: tuple[int, int, int, int],
+                device: torch.device, amp: str | None, dtype: torch.dtype | None,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """The scores of one tile, on the CPU in `out_dtype` (the model is already in eval mode)."""
+    i, j, h, w = tile
+    im = features_to(slice_features(image_feats, slice(i, i + h)), device, dtype)
+    tx = features_to(slice_features(text_feats, slice(j, j + w)), device, dtype)
+    with autocast_context(device, amp):
+        s = model.similarity(im, tx)
+    if tuple(s.shape) != (h, w):
+        raise RuntimeError(f"{type(model).__name__}.similarity returned shape {tuple(s.shape)} for a "
+                           f"block of {h} images x {w} captions")
+    return s.to("cpu", out_dtype)
+
+
 def _score_tiles(model: torch.nn.Module, image_feats: Features, text_feats: Features,
                  tiles: list[tuple[int, int, int, int]], device: torch.device, amp: str | None,
-                 dtype: torch.dtype | None, out_dtype: torch.dtype, progress: bool):
-    """Yield ``(tile, scores)`` for each tile (scores on the CPU, `out_dtype`)."""
+                 dtype: torch.dtype | None, out_dtype: torch.dtype, progress: bool,
+                 sink: Callable[[int, torch.Tensor], None], threads: int = 1) -> None:
+    """Score every tile and hand ``(tile number, scores on the CPU in out_dtype)`` to `sink`.
+
+    With ``threads > 1`` (CPU) the tiles are shared by `itmzoo.threads.run_blocks`; `sink` is then
+    called from several threads, in any order, for distinct tiles.
+    """
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(tiles), desc="similarity", disable=not progress or len(tiles) < 2, leave=False)
+    lock = threading.Lock()
+
+    def work(k: int, _state: None) -> None:
+        sink(k, _score_tile(model, image_feats, text_feats, tiles[k], device, amp, dtype, out_dtype))
+        with lock:
+            bar.update(1)
+
     try:
-        for tile in tqdm(tiles, desc="similarity", disable=not progress or len(tiles) < 2, leave=False):
-            i, j, h, w = tile
-            im = features_to(slice_features(image_feats, slice(i, i + h)), device, dtype)
-            tx = features_to(slice_features(text_feats, slice(j, j + w)), device, dtype)
-            with autocast_context(device, amp):
-                s = model.similarity(im, tx)
-            if tuple(s.shape) != (h, w):
-                raise RuntimeError(f"{type(model).__name__}.similarity returned shape {tuple(s.shape)} for a "
-                                   f"block of {h} images x {w} captions")
-            yield tile, s.to("cpu", out_dtype)
+        run_blocks(range(len(tiles)), work, threads)
     finally:
+        bar.close()
         model.train(was_training)
+
+
+def _tile_threads(model: torch.nn.Module, device: torch.device, n_tiles: int, num_threads: int | None) -> int:
+    """Threads that score CPU tiles side by side: not on CUDA, and not for a model that draws random
+    numbers while scoring (``eval_settings().seed``), whose draws follow the tile order."""
+    if device.type != "cpu" or model.eval_settings().seed is not None:
+        return 1
+    return block_threads(n_tiles, num_threads)
 
 
 @torch.no_grad()
 def similarity_matrix(model: torch.nn.Module, image_feats: Features, text_feats: Features,
                       block: tuple[int, int] = (256, 1024), device: str | torch.device | None = None,
                       amp: str | None = None, dtype: torch.dtype | None = None,
-                      progress: bool = True, distributed: bool = False) -> torch.Tensor | None:
+                      progress: bool = True, distributed: bool = False,
+                      num_threads: int | None = None) -> torch.Tensor | None:
     """``[n_images, n_captions]`` scores of any model, computed in blocks with bounded memory.
 
     Each block of ``block[0]`` images x ``block[1]`` captions is moved to `device`, scored with
@@ -167,6 +198,11 @@ def similarity_matrix(model: torch.nn.Module, image_feats: Features, text_feats:
     With `distributed`, the ranks of the process group share the blocks (contiguous runs of the same
     row-major grid, so every block is scored exactly as one process scores it) and rank 0 receives the
     matrix; the other ranks return None.
+
+    On the CPU, `num_threads` threads (default ``torch.get_num_threads()``) take whole tiles, each
+    with one torch thread (`itmzoo.threads`): this holds its speed when another process takes a core,
+    and every tile is computed as a one-thread run computes it. Models that draw random numbers while
+    scoring (``eval_settings().seed``) are scored tile after tile, in order.
     """
     device = torch.device(device) if device is not None else model.device
     n_img, n_txt = features_len(image_feats), features_len(text_feats)
@@ -178,16 +214,25 @@ def similarity_matrix(model: torch.nn.Module, image_feats: Features, text_feats:
 
         rank, world = D.get_rank(), D.get_world_size()
     mine = tiles[rank * len(tiles) // world:(rank + 1) * len(tiles) // world]
+    threads = _tile_threads(model, device, len(mine), num_threads)
     if world == 1:
         sims = torch.empty(n_img, n_txt, dtype=out_dtype)
-        for (i, j, h, w), s in _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype, out_dtype,
-                                            progress):
+
+        def into_matrix(k: int, s: torch.Tensor) -> None:
+            i, j, h, w = mine[k]
             sims[i:i + h, j:j + w] = s
+
+        _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype, out_dtype, progress, into_matrix,
+                     threads)
         return sims
     from .. import distributed as D
 
-    parts = [s.reshape(-1) for _, s in _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype,
-                                                     out_dtype, progress)]
+    parts: list[torch.Tensor] = [torch.empty(0, dtype=out_dtype)] * len(mine)
+
+    def into_parts(k: int, s: torch.Tensor) -> None:
+        parts[k] = s.reshape(-1)
+
+    _score_tiles(model, image_feats, text_feats, mine, device, amp, dtype, out_dtype, progress, into_parts, threads)
     comm = _comm_device(device)
     flat = torch.cat(parts) if parts else torch.empty(0, dtype=out_dtype)
     pieces = D.gather_to_main(flat.to(comm))

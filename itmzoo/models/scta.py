@@ -336,10 +336,10 @@ class SCTA(ITMModel):
         """The second caption layers of one scoring call, one per caption (see ``cap_fc2``)."""
         h = self.config.hidden_dim
         if self.config.cap_fc2 == "fixed":
-            if not self._fixed_fc2:
+            if not self._fixed_fc2:  # filled whole, then published: the evaluator may score tiles on threads
                 gen = torch.Generator().manual_seed(self.config.fc2_seed)
-                for k in range(self.config.min_cap_tokens, self.config.max_cap_tokens + 1):
-                    self._fixed_fc2[k] = draw_fc2(k, h, gen)
+                self._fixed_fc2 = {k: draw_fc2(k, h, gen)
+                                   for k in range(self.config.min_cap_tokens, self.config.max_cap_tokens + 1)}
             return [self._fixed_fc2[k] for k in ks]
         gen = None if self.training else self._eval_gen  # training: the global CPU stream, as upstream
         return [draw_fc2(k, h, gen) for k in ks]
