@@ -126,7 +126,7 @@ def _demo_batch(config: str) -> tuple[dict, Any, list[str], torch.Tensor]:
 def _esa(upstream: Path, config: str) -> _Built:
     cfg, model, caps, regions = _demo_batch(config)
     c = model.config
-    if model.text_backbone != "bigru":
+    if cfg["model"]["name"] != "esa_bigru":
         raise ValueError(f"{config}: esa_step runs ESA_BIGRU, the config builds {cfg['model']['name']}")
     gen, up = _generator("esa"), _esa_upstream(upstream)
     # the warm-up epoch: upstream's train.py turns max_violation on only from epoch
