@@ -341,7 +341,7 @@ def test_naive_accumulation_keeps_the_last_batch_and_divides_by_accum_steps(drop
 
 
 def test_cpu_threads_leave_room_for_loader_workers(monkeypatch):
-    from itmzoo.train import engine
+    from itmzoo.train import cpu_threads as engine
 
     monkeypatch.setattr(engine, "_cores", lambda: 4)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

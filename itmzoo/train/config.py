@@ -54,6 +54,10 @@ class TrainConfig(ModelConfig):
     amp: Optional[Literal["bf16", "fp16"]] = None  # autocast on CUDA; ignored (fp32) on CPU
     device: Optional[str] = None  # None: cuda (this rank's GPU) if available, else cpu
     num_workers: int = 0
+    # CPU: torch threads of every training step; null = chosen from measured step times between torch's
+    # count (lowered beside loader workers) and fewer, which holds the speed when another process takes a
+    # core; set a number (or OMP_NUM_THREADS) for bit-reproducible runs
+    cpu_threads: Optional[int] = None
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms + cudnn settings
     find_unused_parameters: bool = False  # DDP
@@ -73,6 +77,8 @@ class TrainConfig(ModelConfig):
         for f in ("ckpt_every", "warmup_steps", "num_workers", "weight_decay"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"train.{f} must be >= 0, got {getattr(self, f)}")
+        if self.cpu_threads is not None and self.cpu_threads <= 0:
+            raise ConfigError(f"train.cpu_threads must be a positive int or null, got {self.cpu_threads}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.batch_size % self.accum_steps:

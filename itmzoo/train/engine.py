@@ -29,6 +29,7 @@ from ..features import cat_features, features_to
 from ..models.base import ACCUMULATION_POLICIES
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
+from .cpu_threads import plan_cpu_threads
 from .data import make_train_loader, merge_batches
 from .logs import JsonlLog, TensorBoardLog
 from .optim import LRSchedule, apply_freeze, build_optimizer
@@ -40,7 +41,7 @@ PROGRESS_LINE_SECONDS = 15.0
 
 # settings a resumed run may change without breaking the continuation
 RESUMABLE_CHANGES = {"epochs", "max_steps", "progress", "log_every", "tensorboard", "num_workers", "eval_every",
-                     "ckpt_every", "device"}
+                     "ckpt_every", "device", "cpu_threads"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,25 +105,6 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
         if isinstance(v, torch.Tensor):
             return v.shape[0]
     raise ValueError("empty batch")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_threads_beside_workers(device: torch.device, num_workers: int) -> int | None:
-    """Torch threads for CPU training beside `num_workers` loader processes, or None to keep the current count.
-
-    Loader workers and compute threads that together exceed the cores make every parallel region wait
-    for a descheduled thread. An explicit ``OMP_NUM_THREADS`` is the user's choice and is kept, as is a
-    count the user lowered with ``torch.set_num_threads`` so that it already fits.
-    """
-    if device.type != "cpu" or num_workers <= 0 or os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores, now = _cores(), torch.get_num_threads()
-    if now + num_workers <= cores:
-        return None
-    return max(1, cores - num_workers)
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -253,6 +235,8 @@ class Trainer:
 
         self.step_module: torch.nn.Module = _StepModule(model)
         self.ddp = None
+        self.tuner = None
+        self._threads_said: int | None = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -267,12 +251,16 @@ class Trainer:
         self.log = JsonlLog(self.out_dir / "log.jsonl" if (self.out_dir and self.main) else None)
         self.tb = None
         threads_before = torch.get_num_threads()
-        threads = cpu_threads_beside_workers(device, cfg.num_workers)
-        if threads is not None:
-            if self.main and self.verbose:
-                print(f"train: {cfg.num_workers} loader worker(s) + {threads_before} torch threads exceed the "
-                      f"{_cores()} cores: using {threads} torch thread(s) (set OMP_NUM_THREADS to choose)")
-            torch.set_num_threads(threads)
+        plan = plan_cpu_threads(device, cfg.cpu_threads, cfg.num_workers, self.world, cfg.deterministic)
+        self.tuner = plan.tuner
+        if self.tuner is not None:
+            self.tuner.on_choice = self._threads_chosen
+        if plan.threads is not None:
+            torch.set_num_threads(plan.threads)
+        if self.main and self.verbose and device.type == "cpu":
+            how = (f"up to {self.tuner.max_threads}, chosen from step times (train.cpu_threads fixes a count)"
+                   if self.tuner is not None else f"{torch.get_num_threads()}")
+            print(f"train: CPU threads {how}; {plan.why}")
         try:
             resumed_from = self._maybe_resume()
             if resumed_from is None:
@@ -296,7 +284,7 @@ class Trainer:
                 self.tb.close()
             if cfg.deterministic and not det_before:
                 torch.use_deterministic_algorithms(False)
-            if threads is not None:
+            if torch.get_num_threads() != threads_before:
                 torch.set_num_threads(threads_before)
         return TrainResult(self.out_dir, self.step, self.epoch, self.best, self.best_epoch, self.history, self.last_dev)
 
@@ -518,11 +506,19 @@ class Trainer:
                     self.schedule.apply(self.step)
                     model.on_step_start(self.epoch, b, self.steps_per_epoch)
                     n_items = sum(_batch_len(m) for m in micro) * self.world
+                    if self.tuner is not None:
+                        n = self.tuner.next_threads()
+                        if n != torch.get_num_threads():
+                            torch.set_num_threads(n)
+                    t_step = time.perf_counter()
                     vals = step_fn(micro, b + 1)
                     norm = self._optimizer_step(b + 1)
+                    step_seconds = time.perf_counter() - t_step
                     self.batch_pos += len(micro)
                     micro = []
                     self.step += 1
+                    if self.tuner is not None:
+                        self.tuner.record(step_seconds)
                     loss = float(vals["loss"])
                     self._epoch_loss[0] += loss
                     self._epoch_loss[1] += 1
@@ -611,9 +607,26 @@ class Trainer:
 
         devices = [self.device] if self.device.type == "cuda" else []
         opts = dataclasses.replace(self.eval_cfg, device=str(self.device), progress=False, return_sims=False)
-        with torch.random.fork_rng(devices=devices):
-            out = evaluate(self.model, self.eval_data, self.eval_cfg.dev_protocol or "full", options=opts)
+        step_threads = torch.get_num_threads()
+        if self.tuner is not None:  # the evaluator shares its CPU blocks among threads itself
+            torch.set_num_threads(self.tuner.max_threads)
+        try:
+            with torch.random.fork_rng(devices=devices):
+                out = evaluate(self.model, self.eval_data, self.eval_cfg.dev_protocol or "full", options=opts)
+        finally:
+            torch.set_num_threads(step_threads)
         return out
+
+    def _threads_chosen(self, threads: int, medians: dict[int, float]) -> None:
+        """The tuner's choice after a probe: logged, and said when it changes."""
+        changed = threads != self._threads_said
+        self._threads_said = threads
+        self.log.write({"type": "cpu_threads", "step": self.step, "threads": threads,
+                        "step_seconds": {str(c): m for c, m in sorted(medians.items())}, "time": time.time()})
+        if changed and self.main and self.verbose:
+            times = ", ".join(f"{c}: {m * 1e3:.0f} ms" for c, m in sorted(medians.items()))
+            tqdm.write(f"train: {threads} CPU thread(s) after step {self.step} "
+                       f"(median step time by threads: {times})")
 
 
 def fit(model: torch.nn.Module, train_data: RetrievalSplit, config: TrainConfig | Mapping[str, Any] | None = None,
