@@ -6,8 +6,8 @@ so slow moments of a shared machine hit both. Reported per path: medians over ro
 (busy / free) of itmzoo and of the reference, and itmzoo's time over the reference's under the same
 condition; the 1-minute load average is recorded at every measurement.
 
-    python benchmarks/bench_under_load.py [--rounds 3] [--paths recall,embed_sim,lhsc_sim,esa_step,lhsc_step]
-        [--n 2000] [--json out.json]
+    python benchmarks/bench_under_load.py [--rounds 3] [--paths recall,embed_sim,...] [--n 2000]
+        [--window 30] [--esa-upstream DIR] [--lhsc-upstream DIR] [--json out.json]
 
 Hot paths and their references (same inputs, same process, same thread settings):
 
@@ -15,12 +15,20 @@ Hot paths and their references (same inputs, same process, same thread settings)
   VSE-infinity's ``i2t``/``t2i`` (`itmzoo.eval.reference.reference_ranks`, numpy).
 * ``embed_sim``: `similarity_matrix` of an embedding model (toy_vse, as ESA: cosine of 1024-d vectors)
   over ``n x 5n`` pairs, vs the reference's numpy product of the normalised embeddings.
-* ``lhsc_sim``: `similarity_matrix` of LHSC (paper dims, random weights) over 40 x 200 pairs, vs a
-  per-caption loop over the same model (the shape of the authors' loop over captions).
-* ``esa_step`` / ``lhsc_step``: one training step (forward + backward) of the demo configurations'
-  models (configs/esa_demo_synthetic.yaml at batch 64, configs/lhsc_demo_synthetic.yaml at batch 128),
-  vs the same step with ``torch.set_num_threads(1)`` (the usual workaround on a busy machine; the
-  authors' code is not imported here).
+* ``lhsc_sim``: `similarity_matrix` of LHSC (paper dims, random weights) over 40 x 200 pairs, vs the
+  authors' ``shard_attn_scores`` (with ``--lhsc-upstream``; it also computes the global vectors, which
+  itmzoo's encoders compute once) or else the same itmzoo model called one caption at a time.
+* ``esa_encode``: `encode_split` of the ESA demo model (configs/esa_demo_synthetic.yaml) on 200
+  images and 1,000 captions, vs the same batches encoded one after another with torch's own threads
+  (the loop of the authors' ``encode_data``, with itmzoo's encoders).
+* ``esa_step`` / ``lhsc_step``: training steps (forward + backward, no optimizer step) of the demo
+  configurations' models on one batch of their data (batch 64 each), `--window` steps per timing,
+  reported per step. itmzoo's thread count per step comes from the trainer's `ThreadTuner`, one tuner
+  per condition (the steady state of a run under that load; the warm-up call runs its first probe).
+  Reference: the authors' step (``--esa-upstream`` / ``--lhsc-upstream``, at torch's threads) or else
+  itmzoo's step at 1 thread (the usual workaround on a busy machine).
+* ``esa_step_fixed`` / ``lhsc_step_fixed``: itmzoo's step at torch's thread count, no tuner (what a
+  run with ``train.cpu_threads`` set to that count does), vs the same reference.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -40,9 +49,17 @@ import torch
 import itmzoo
 from itmzoo.eval.recall import retrieval_ranks
 from itmzoo.eval.reference import reference_ranks, seeded_sims
-from itmzoo.eval.similarity import similarity_matrix
+from itmzoo.eval.similarity import encode_batches, encode_split, similarity_matrix
+from itmzoo.train.cpu_threads import ThreadTuner
 
-Timed = Callable[[], None]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import upstream_reference as U  # noqa: E402 (benchmarks/ is not a package)
+
+Timed = Callable[[str], None]  # called with the condition, "free" or "busy"
+
+
+def _plain(fn: Callable[[], object]) -> Timed:
+    return lambda cond: fn()
 
 
 def _recall(n: int) -> tuple[Timed, Timed]:
@@ -50,7 +67,7 @@ def _recall(n: int) -> tuple[Timed, Timed]:
     St, c2i = torch.from_numpy(S), torch.arange(5 * n) // 5
     got, want = retrieval_ranks(St, c2i), reference_ranks(S)
     assert np.array_equal(got[0].numpy(), want[0]) and np.array_equal(got[1].numpy(), want[1])
-    return (lambda: retrieval_ranks(St, c2i)), (lambda: reference_ranks(S))
+    return _plain(lambda: retrieval_ranks(St, c2i)), _plain(lambda: reference_ranks(S))
 
 
 def _embed_sim(n: int) -> tuple[Timed, Timed]:
@@ -63,17 +80,13 @@ def _embed_sim(n: int) -> tuple[Timed, Timed]:
     def ours() -> None:
         similarity_matrix(model, img, txt, block=model.eval_settings().block or (256, 1024), progress=False)
 
-    return ours, (lambda: np.dot(a, b.T))
+    return _plain(ours), _plain(lambda: np.dot(a, b.T))
 
 
-def _lhsc_model(**kw):
+def _lhsc_sim(upstream: Path | None) -> tuple[Timed, Timed]:
     torch.manual_seed(0)
-    return itmzoo.build("lhsc", **kw)
-
-
-def _lhsc_sim() -> tuple[Timed, Timed]:
-    model = _lhsc_model().eval()
-    g = torch.Generator().manual_seed(0)
+    model = itmzoo.build("lhsc").eval()
+    g = torch.Generator().manual_seed(0)  # upstream_reference.lhsc_sim draws the same inputs
     ni, nc = 40, 200
     lengths = torch.randint(8, 23, (nc,), generator=g)
     L = int(lengths.max())
@@ -93,87 +106,147 @@ def _lhsc_sim() -> tuple[Timed, Timed]:
             model.similarity(img, {k: v[j:j + 1, : int(lengths[j])] if k != "global" else v[j:j + 1]
                                    for k, v in txt.items()})
 
-    return ours, loop
+    if upstream is not None:
+        return _plain(ours), _plain(U.lhsc_sim(upstream, ni, nc))
+    return _plain(ours), _plain(loop)
 
 
-def _step(model: torch.nn.Module, batch: dict) -> tuple[Timed, Timed]:
+def _esa_encode() -> tuple[Timed, Timed]:
+    import yaml
+
+    from itmzoo.data import load_split
+    from itmzoo.data.collate import eval_loaders
+
+    with open("configs/esa_demo_synthetic.yaml") as f:
+        cfg = yaml.safe_load(f)
+    torch.manual_seed(0)
+    model = itmzoo.build(cfg["model"]["name"], **{k: v for k, v in cfg["model"].items() if k != "name"}).eval()
+    spec = {k: v for k, v in cfg["data"].items() if k not in ("train", "dev", "test")}
+    split = load_split({**spec, "split": "test"})
+    images, captions = eval_loaders(split, model, batch_size=128)
+    cpu = torch.device("cpu")
+
+    def ours() -> None:
+        encode_split(model, split, batch_size=128, progress=False)
+
+    def batch_loop() -> None:
+        for fn, loader in ((model.encode_image, images), (model.encode_text, captions)):
+            encode_batches(fn, loader, cpu, num_threads=1)
+
+    return _plain(ours), _plain(batch_loop)
+
+
+def _model_step(config: str) -> Callable[[], None]:
+    """itmzoo's training step (forward + backward) on the batch of upstream_reference's demo batch."""
+    _cfg, model, caps, regions = U._demo_batch(config)
+    n = regions.shape[0]
+    batch = {"regions": regions, "region_lengths": torch.full((n,), regions.shape[1]),
+             **model.tokenizer(caps, train=True), "image_index": torch.arange(n)}
     model.train()
 
     def run() -> None:
         model.zero_grad(set_to_none=True)
         model(batch)["loss"].backward()
 
-    def one_thread() -> None:
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
+    return run
+
+
+def _windows(step: Callable[[], None], window: int, threads: Callable[[str], int | None],
+             record: Callable[[str, float], None] | None = None) -> Timed:
+    """`window` steps per call, each at ``threads(cond)`` torch threads (None: as set)."""
+    def timed(cond: str) -> None:
+        before = torch.get_num_threads()
         try:
-            run()
+            for _ in range(window):
+                n = threads(cond)
+                if n is not None and n != torch.get_num_threads():
+                    torch.set_num_threads(n)
+                t = time.perf_counter()
+                step()
+                if record is not None:
+                    record(cond, time.perf_counter() - t)
         finally:
-            torch.set_num_threads(n)
+            torch.set_num_threads(before)
 
-    return run, one_thread
+    return timed
 
 
-def _demo(config: str) -> tuple[Timed, Timed]:
-    """One training step of a demo configuration's model on a batch of its data (batch size as configured)."""
-    import yaml
-
-    from itmzoo.data import load_split
-
-    with open(config) as f:
-        cfg = yaml.safe_load(f)
-    torch.manual_seed(0)
-    model = itmzoo.build(cfg["model"]["name"], **{k: v for k, v in cfg["model"].items() if k != "name"})
-    n = cfg["train"]["batch_size"]
-    spec = {k: v for k, v in cfg["data"].items() if k not in ("train", "dev", "test", "num_images")}
-    split = load_split({**spec, "num_images": {"train": n}, "split": "train"})
-    caps = [split.captions[5 * i] for i in range(n)]
-    regions = torch.stack([torch.as_tensor(np.asarray(split.images[i], dtype=np.float32)) for i in range(n)])
-    batch = {"regions": regions, "region_lengths": torch.full((n,), regions.shape[1]),
-             **model.tokenizer(caps, train=True), "image_index": torch.arange(n)}
-    return _step(model, batch)
+def _steps(config: str, upstream_step: Callable[..., Callable[[], None]], upstream: Path | None, window: int,
+           tuned: bool) -> tuple[Timed, Timed]:
+    step = _model_step(config)
+    if tuned:
+        tuners = {c: ThreadTuner(torch.get_num_threads()) for c in ("free", "busy")}
+        ours = _windows(step, window, lambda c: tuners[c].next_threads(), lambda c, s: tuners[c].record(s))
+    else:
+        ours = _windows(step, window, lambda c: None)
+    if upstream is not None:
+        return ours, _windows(upstream_step(upstream, config), window, lambda c: None)
+    return ours, _windows(step, window, lambda c: 1)
 
 
 def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def _time(fn: Timed) -> float:
+def _time(fn: Timed, cond: str) -> float:
     t = time.perf_counter()
-    fn()
+    fn(cond)
     return time.perf_counter() - t
+
+
+PATHS = "recall,embed_sim,lhsc_sim,esa_encode,esa_step,lhsc_step,esa_step_fixed,lhsc_step_fixed"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--paths", default="recall,embed_sim,lhsc_sim,esa_step,lhsc_step")
+    ap.add_argument("--paths", default=PATHS)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=2000, help="images of the recall / embedding cases (5 captions each)")
+    ap.add_argument("--window", type=int, default=30, help="training steps per timing of a *_step path")
+    ap.add_argument("--esa-upstream", type=Path, default=None, help="KevinLight831/ESA checkout (step reference)")
+    ap.add_argument("--lhsc-upstream", type=Path, default=None, help="lDarryll/LHSC checkout (references)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    makers = {"recall": lambda: _recall(args.n), "embed_sim": lambda: _embed_sim(args.n), "lhsc_sim": _lhsc_sim,
-              "esa_step": lambda: _demo("configs/esa_demo_synthetic.yaml"),
-              "lhsc_step": lambda: _demo("configs/lhsc_demo_synthetic.yaml")}
+    esa_cfg, lhsc_cfg = "configs/esa_demo_synthetic.yaml", "configs/lhsc_demo_synthetic.yaml"
+    w = args.window
+    makers = {"recall": lambda: _recall(args.n), "embed_sim": lambda: _embed_sim(args.n),
+              "lhsc_sim": lambda: _lhsc_sim(args.lhsc_upstream), "esa_encode": _esa_encode,
+              "esa_step": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, True),
+              "lhsc_step": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, True),
+              "esa_step_fixed": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, False),
+              "lhsc_step_fixed": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, False)}
+    units = {name: (w if "_step" in name else 1) for name in makers}  # times are reported per step
     names = [p for p in args.paths.split(",") if p]
     unknown = sorted(set(names) - set(makers))
     if unknown:
         raise SystemExit(f"--paths: unknown {unknown}; expected some of {sorted(makers)}")
     cases = {name: makers[name]() for name in names}
-    for ours, ref in cases.values():  # warm-up: first-call allocations and lazy imports
-        ours()
-        ref()
+    # warm-up in each condition: first-call allocations, lazy imports, each tuner's first probe
+    for cond in ("free", "busy"):
+        spin = _spinner() if cond == "busy" else None
+        try:
+            time.sleep(0.2)
+            for ours, ref in cases.values():
+                ours(cond)
+                ref(cond)
+        finally:
+            if spin is not None:
+                spin.kill()
+                spin.wait()
     times: dict[tuple[str, str, str], list[float]] = {}
     loads: dict[str, list[float]] = {"free": [], "busy": []}
+    refs = {"esa": args.esa_upstream is not None, "lhsc": args.lhsc_upstream is not None}
     print(f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, authors' code as reference: "
+          f"{', '.join(k for k, v in refs.items() if v) or 'none'}", flush=True)
     for r in range(args.rounds):
         for cond in ("free", "busy"):
             spin = _spinner() if cond == "busy" else None
             try:
                 time.sleep(0.2)
                 for name, (ours, ref) in cases.items():
-                    times.setdefault((name, cond, "itmzoo"), []).append(_time(ours))
-                    times.setdefault((name, cond, "reference"), []).append(_time(ref))
+                    times.setdefault((name, cond, "itmzoo"), []).append(_time(ours, cond) / units[name])
+                    times.setdefault((name, cond, "reference"), []).append(_time(ref, cond) / units[name])
                     loads[cond].append(os.getloadavg()[0])
             finally:
                 if spin is not None:
@@ -183,8 +256,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = []
     print(f"\nload average (1 min) free {min(loads['free']):.1f}-{max(loads['free']):.1f}, "
-          f"busy {min(loads['busy']):.1f}-{max(loads['busy']):.1f}; medians of {args.rounds} rounds (s)")
-    print(f"{'path':<10} {'itmzoo free':>11} {'busy':>7} {'slowdown':>8} | {'ref free':>8} {'busy':>7} "
+          f"busy {min(loads['busy']):.1f}-{max(loads['busy']):.1f}; medians of {args.rounds} rounds "
+          f"(s; *_step paths: s per step)")
+    print(f"{'path':<15} {'itmzoo free':>11} {'busy':>7} {'slowdown':>8} | {'ref free':>8} {'busy':>7} "
           f"{'slowdown':>8} | {'itmzoo/ref free':>15} {'busy':>6}")
     for name in cases:
         o_f, o_b = med[(name, "free", "itmzoo")], med[(name, "busy", "itmzoo")]
@@ -193,13 +267,13 @@ def main() -> None:
                "ref_free_s": r_f, "ref_busy_s": r_b, "ref_slowdown": r_b / r_f,
                "ratio_free": o_f / r_f, "ratio_busy": o_b / r_b}
         rows.append(row)
-        print(f"{name:<10} {o_f:>11.3f} {o_b:>7.3f} {o_b / o_f:>7.2f}x | {r_f:>8.3f} {r_b:>7.3f} {r_b / r_f:>7.2f}x"
+        print(f"{name:<15} {o_f:>11.3f} {o_b:>7.3f} {o_b / o_f:>7.2f}x | {r_f:>8.3f} {r_b:>7.3f} {r_b / r_f:>7.2f}x"
               f" | {o_f / r_f:>15.2f} {o_b / r_b:>6.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "loads": loads, "rounds": args.rounds, "n": args.n,
-                       "threads": torch.get_num_threads(), "times": {"|".join(k): v for k, v in times.items()}},
-                      f, indent=1)
+            json.dump({"rows": rows, "loads": loads, "rounds": args.rounds, "n": args.n, "window": w,
+                       "authors_reference": refs, "threads": torch.get_num_threads(),
+                       "times": {"|".join(k): v for k, v in times.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -191,19 +191,6 @@ class SearchResult:
         return out
 
 
-class _CrossPairs:
-    """A cross model's scores of given pairs (`score_pairs`), for the evaluator's second-stage code."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def score_pairs(self, image_feats: Features, text_feats: Features, image_index: torch.Tensor,
-                    text_index: torch.Tensor, direction: str) -> torch.Tensor:
-        from .models.two_stage import _pair_scores
-
-        return _pair_scores(self.model, image_feats, text_feats, image_index, text_index, direction, 4.0)
-
-
 def _is_plain_product(model: Any) -> bool:
     from .models.base import ITMModel
 
@@ -374,14 +361,14 @@ class Retriever:
             first = self._scores(first_model, img[part], txt[part], direction)
             n_cand = min(max(self.rerank_k, k), first.shape[1])
             cand = first.topk(n_cand, dim=1).indices
-            second = self.model if scoring == "two-stage" else _CrossPairs(self.model)
-            rescored = self._rerank(second, img["model"], txt["model"], cand, direction)
+            # a cross model's default score_pairs scores dense blocks of queries x candidates
+            rescored = self._rerank(img["model"], txt["model"], cand, direction)
             scores, order = rescored.topk(k, dim=1)
             idx = cand.gather(1, order)
         return SearchResult(indices=idx, scores=scores.float(),
                             ids=[[ids[i] for i in row] for row in idx.tolist()])
 
-    def _rerank(self, second: Any, img: Features, txt: Features, cand: torch.Tensor, direction: str) -> torch.Tensor:
+    def _rerank(self, img: Features, txt: Features, cand: torch.Tensor, direction: str) -> torch.Tensor:
         from .eval.rerank import _query_batches, score_candidates
 
         device = torch.device(self.device) if self.device is not None else self.model.device
@@ -389,7 +376,7 @@ class Retriever:
         was_training = self.model.training
         self.model.eval()
         try:
-            return score_candidates(second, img, txt, cand, direction, queries, device)
+            return score_candidates(self.model, img, txt, cand, direction, queries, device)
         finally:
             self.model.train(was_training)
 

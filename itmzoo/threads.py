@@ -17,9 +17,9 @@ run their blocks in sequence.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-__all__ = ["block_threads", "in_block_worker", "map_blocks", "run_blocks"]
+__all__ = ["block_threads", "in_block_worker", "inference_threads", "map_blocks", "run_blocks"]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -42,6 +42,16 @@ def block_threads(n_blocks: int, num_threads: int | None = None) -> int:
         return 1
     n = torch.get_num_threads() if num_threads is None else num_threads
     return max(1, min(int(n), n_blocks))
+
+
+def inference_threads(n_blocks: int, device: Any) -> int:
+    """`block_threads` for blocks of a model's scoring without autograd on the CPU; else 1 (CUDA runs
+    its own kernels in parallel, and a recorded graph is built in one sequence)."""
+    import torch
+
+    if torch.is_grad_enabled() or torch.device(device).type != "cpu":
+        return 1
+    return block_threads(n_blocks)
 
 
 def run_blocks(items: Sequence[T], work: Callable[[T, S], None], num_threads: int,

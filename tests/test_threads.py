@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import itmzoo
-from itmzoo.data.synthetic import SyntheticShapes
+from itmzoo.data.synthetic import SYNTHETIC_VOCAB, SyntheticShapes
 from itmzoo.eval.similarity import similarity_matrix
 from itmzoo.threads import block_threads, in_block_worker, map_blocks, run_blocks
 from itmzoo.train import fit
@@ -98,14 +98,14 @@ def test_lhsc_caption_groups_on_threads_equal_one_sequence(two_threads):
 
 
 def test_models_that_draw_while_scoring_are_scored_in_tile_order(two_threads):
-    from itmzoo.eval.similarity import _tile_threads
+    from itmzoo.eval.similarity import scoring_threads
     from itmzoo.models.base import EvalSettings
 
     model = itmzoo.build("toy_vse", embed_size=8)
-    assert _tile_threads(model, torch.device("cpu"), 10, None) == 2
+    assert scoring_threads(model, torch.device("cpu"), 10, None) == 2
     model.eval_settings = lambda: EvalSettings(seed=3)  # e.g. SCTA's reference mode
-    assert _tile_threads(model, torch.device("cpu"), 10, None) == 1
-    assert _tile_threads(itmzoo.build("toy_vse", embed_size=8), torch.device("cuda"), 10, None) == 1
+    assert scoring_threads(model, torch.device("cpu"), 10, None) == 1
+    assert scoring_threads(itmzoo.build("toy_vse", embed_size=8), torch.device("cuda"), 10, None) == 1
 
 
 # -- the training thread tuner ----------------------------------------------------------------------
@@ -182,3 +182,19 @@ def test_training_logs_its_thread_choices_and_restores_the_count(two_threads, tm
         ds.split("dev"), out_dir=tmp_path / "fixed", verbose=False)
     recs = [json.loads(line) for line in (tmp_path / "fixed" / "log.jsonl").read_text().splitlines()]
     assert not [r for r in recs if r["type"] == "cpu_threads"] and torch.get_num_threads() == 2
+
+
+def test_batches_encoded_on_threads_come_back_in_loader_order(two_threads):
+    from itmzoo.data.collate import eval_loaders
+    from itmzoo.eval.similarity import encode_batches
+
+    torch.manual_seed(0)
+    model = itmzoo.build("lhsc", embed_size=32, sim_dim=16, img_dim=24, word_dim=16, num_regions=5,
+                         vocab_path=str(SYNTHETIC_VOCAB), vocab_size=74).eval()
+    split = SyntheticShapes({"test": 20}, region_dim=24, num_regions=5).split("test")
+    images, captions = eval_loaders(split, model, batch_size=7)
+    for fn, loader in ((model.encode_image, images), (model.encode_text, captions)):
+        runs = [encode_batches(fn, loader, torch.device("cpu"), num_threads=n) for n in (1, 2, 3)]
+        for k in runs[0]:
+            torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=1e-6)
+            assert torch.equal(runs[1][k], runs[2][k])  # each batch is encoded by one thread, whichever

@@ -255,9 +255,16 @@ def test_composition_pair_scores_equal_the_second_models_matrix(waste):
         # queries in shuffled order with 1-5 candidates each, some repeated
         ii = torch.randint(0, split.num_images, (40,), generator=g)
         ti = torch.randint(0, split.num_captions, (40,), generator=g)
+        second_img = {k[7:]: v for k, v in img.items() if k.startswith("second.")}
+        second_txt = {k[7:]: v for k, v in txt.items() if k.startswith("second.")}
         for direction in ("i2t", "t2i"):
             got = model.score_pairs(img, txt, ii, ti, direction)
             torch.testing.assert_close(got, full[ii, ti], rtol=1e-5, atol=1e-6)
+            # a cross model's own (default) score_pairs: the same dense blocks of its similarity
+            own = model.second.score_pairs(second_img, second_txt, ii, ti, direction)
+            torch.testing.assert_close(own, full[ii, ti], rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="direction must be"):
+            model.second.score_pairs(second_img, second_txt, ii, ti, "x2y")
 
 
 def test_composition_parts_load_their_checkpoints_and_round_trip(tmp_path):

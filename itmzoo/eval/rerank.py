@@ -21,6 +21,7 @@ refuses them.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -28,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..features import Features, features_len, features_to, slice_features
-from .similarity import _comm_device, autocast_context, similarity_matrix
+from ..threads import run_blocks
+from .similarity import _comm_device, autocast_context, scoring_threads, similarity_matrix
 
 __all__ = ["FILL", "TwoStageScores", "fill_matrix", "score_candidates", "topk_candidates", "two_stage_scores"]
 
@@ -73,9 +75,14 @@ def score_candidates(model: torch.nn.Module, image_feats: Features, text_feats: 
     k = cand.shape[1]
     rows = [q for b in queries for q in b]
     out = torch.empty(len(rows), k, dtype=torch.float32)
-    at = 0
-    bar = tqdm(total=len(rows) * k, desc=f"second stage {direction}", unit="pair", disable=not progress, leave=False)
+    offsets = [0]
     for b in queries:
+        offsets.append(offsets[-1] + len(b))
+    bar = tqdm(total=len(rows) * k, desc=f"second stage {direction}", unit="pair", disable=not progress, leave=False)
+    lock = threading.Lock()
+
+    def work(n: int, _state: None) -> None:
+        b = queries[n]
         q = torch.arange(b.start, b.stop)
         c = cand[q]
         query_index = q[:, None].expand(-1, k).reshape(-1)
@@ -89,10 +96,14 @@ def score_candidates(model: torch.nn.Module, image_feats: Features, text_feats: 
         if tuple(s.shape) != (len(q) * k,):
             raise RuntimeError(f"{type(model).__name__}.score_pairs returned shape {tuple(s.shape)} for "
                                f"{len(q) * k} pairs; expected one score per pair")
-        out[at:at + len(q)] = s.detach().float().cpu().view(len(q), k)
-        at += len(q)
-        bar.update(len(q) * k)
-    bar.close()
+        out[offsets[n]:offsets[n + 1]] = s.detach().float().cpu().view(len(q), k)
+        with lock:
+            bar.update(len(q) * k)
+
+    try:  # on the CPU, whole query batches on threads
+        run_blocks(range(len(queries)), work, scoring_threads(model, device, len(queries)))
+    finally:
+        bar.close()
     if out.numel() and not bool((out > FILL).all()):
         bad = out[~(out > FILL)][:3].tolist()
         raise ValueError(f"{type(model).__name__}.score_pairs gave scores at or below {FILL} (e.g. {bad}) or NaN; "

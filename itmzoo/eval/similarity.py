@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from ..features import Features, cat_features, features_len, features_to, slice_features
 from ..threads import block_threads, run_blocks
 
-__all__ = ["autocast_context", "block_tiles", "encode_batches", "encode_split", "similarity_matrix"]
+__all__ = ["autocast_context", "block_tiles", "encode_batches", "encode_split", "scoring_threads",
+           "similarity_matrix"]
 
 
 def autocast_context(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
@@ -27,13 +28,42 @@ def autocast_context(device: torch.device, amp: str | None) -> contextlib.Abstra
 
 @torch.no_grad()
 def encode_batches(fn: Any, loader: Iterable, device: torch.device, amp: str | None = None,
-                   keep_on: torch.device | str = "cpu", desc: str = "encode", progress: bool = False) -> Features:
-    """`fn` (an encoder) over collated batches moved to `device`, features joined on `keep_on` in float32."""
-    parts = []
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+                   keep_on: torch.device | str = "cpu", desc: str = "encode", progress: bool = False,
+                   num_threads: int | None = None) -> Features:
+    """`fn` (an encoder) over collated batches moved to `device`, features joined on `keep_on` in float32.
+
+    On the CPU, `num_threads` threads (default ``torch.get_num_threads()``) each take the next batch
+    from the loader and encode it with one torch thread (`itmzoo.threads`); the features come back
+    in loader order, each batch encoded as a one-thread run encodes it.
+    """
+    n = len(loader) if hasattr(loader, "__len__") else 0
+    threads = block_threads(n, num_threads) if device.type == "cpu" else 1
+    batches = enumerate(loader)
+    parts: list[Features | None] = [None] * n
+    lock = threading.Lock()
+    bar = tqdm(total=n or None, desc=desc, disable=not progress, leave=False)
+
+    def work(_: int, _state: None) -> None:
+        with lock:
+            k, batch = next(batches)
         with autocast_context(device, amp):
             feats = fn(features_to(batch, device))
-        parts.append(features_to(feats, keep_on, torch.float32))
+        parts[k] = features_to(feats, keep_on, torch.float32)
+        with lock:
+            bar.update(1)
+
+    try:
+        if threads > 1:
+            run_blocks(range(n), work, threads)
+        else:
+            parts = []
+            for batch in loader:
+                with autocast_context(device, amp):
+                    feats = fn(features_to(batch, device))
+                parts.append(features_to(feats, keep_on, torch.float32))
+                bar.update(1)
+    finally:
+        bar.close()
     return cat_features(parts)
 
 
@@ -174,12 +204,14 @@ def _score_tiles(model: torch.nn.Module, image_feats: Features, text_feats: Feat
         model.train(was_training)
 
 
-def _tile_threads(model: torch.nn.Module, device: torch.device, n_tiles: int, num_threads: int | None) -> int:
-    """Threads that score CPU tiles side by side: not on CUDA, and not for a model that draws random
-    numbers while scoring (``eval_settings().seed``), whose draws follow the tile order."""
+def scoring_threads(model: torch.nn.Module, device: torch.device, n_blocks: int,
+                    num_threads: int | None = None) -> int:
+    """Threads that score a model's blocks (tiles, query batches) side by side: 1 on CUDA and for a
+    model that draws random numbers while scoring (``eval_settings().seed``: its draws follow the
+    block order), else `itmzoo.threads.block_threads`."""
     if device.type != "cpu" or model.eval_settings().seed is not None:
         return 1
-    return block_threads(n_tiles, num_threads)
+    return block_threads(n_blocks, num_threads)
 
 
 @torch.no_grad()
@@ -214,7 +246,7 @@ def similarity_matrix(model: torch.nn.Module, image_feats: Features, text_feats:
 
         rank, world = D.get_rank(), D.get_world_size()
     mine = tiles[rank * len(tiles) // world:(rank + 1) * len(tiles) // world]
-    threads = _tile_threads(model, device, len(mine), num_threads)
+    threads = scoring_threads(model, device, len(mine), num_threads)
     if world == 1:
         sims = torch.empty(n_img, n_txt, dtype=out_dtype)
 

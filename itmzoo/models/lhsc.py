@@ -43,7 +43,7 @@ from ..layers.cross_attention import context_scale, region_gram, t2i_attention_p
 from ..layers.graph import RegionRelationGCN, WordRelationAttention
 from ..losses import hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, register_model
-from ..threads import block_threads, map_blocks
+from ..threads import inference_threads, map_blocks
 from .base import EvalSettings, ITMModel
 
 __all__ = ["LHSC", "TAGS", "LHSCConfig", "convert_official", "lhsc"]
@@ -407,10 +407,9 @@ class LHSC(ITMModel):
                 a, b = group
                 return self._score_group(regions, gram, img_glo, tokens[a:b], mask[a:b], txt_glo[a:b], lowp)
 
-            # evaluation on the CPU: whole groups on threads (graceful when another process takes a
-            # core); training keeps one sequence, as its BatchNorm updates shared running statistics
-            parallel = not (self.training or torch.is_grad_enabled() or tokens.is_cuda)
-            cols = map_blocks(score, groups, block_threads(len(groups)) if parallel else 1)
+            # evaluation on the CPU: whole groups on threads; train mode keeps one sequence, as its
+            # BatchNorm updates shared running statistics
+            cols = map_blocks(score, groups, 1 if self.training else inference_threads(len(groups), tokens.device))
         return torch.cat(cols, 1) if len(cols) > 1 else cols[0]
 
     def _score_group(self, regions: torch.Tensor, gram: torch.Tensor, img_glo: torch.Tensor, tokens: torch.Tensor,

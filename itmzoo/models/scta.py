@@ -61,6 +61,7 @@ from ..encoders.vit import VIT_ARCH, build_vit, vit_state_for
 from ..features import sequence_mask
 from ..losses import hinge_triplet_loss, positive_mask
 from ..registry import Tag, register_model
+from ..threads import inference_threads, map_blocks
 from .base import EvalSettings, ITMModel
 
 __all__ = ["SCTA", "TAGS", "TINY_OVERRIDES", "SCTAConfig", "SCTATokenizer", "convert_official", "scta"]
@@ -414,17 +415,20 @@ class SCTA(ITMModel):
         tile = c.sim_tile_pairs_cuda if img.is_cuda else c.sim_tile_pairs
         cj = min(bt, 16)
         ci = max(1, tile // cj)
-        rows = []
-        for i0 in range(0, bv, ci):
-            i1 = min(i0 + ci, bv)
-            cols = []
-            for j0 in range(0, bt, cj):
-                j1 = min(j0 + cj, bt)
-                cols.append(self._tile(patches[i0:i1], pn[i0:i1], a_self[i0:i1], slot_logit[i0:i1],
-                                       None if cls_n is None else cls_n[i0:i1],
-                                       caps[j0:j1], cap_mask[j0:j1], q[j0:j1], keep_n))
-            rows.append(torch.cat(cols, 1))
-        return torch.cat(rows, 0)
+        row_starts, col_starts = range(0, bv, ci), range(0, bt, cj)
+
+        def score(start: tuple[int, int]) -> torch.Tensor:
+            i0, j0 = start
+            i1, j1 = min(i0 + ci, bv), min(j0 + cj, bt)
+            return self._tile(patches[i0:i1], pn[i0:i1], a_self[i0:i1], slot_logit[i0:i1],
+                              None if cls_n is None else cls_n[i0:i1], caps[j0:j1], cap_mask[j0:j1], q[j0:j1],
+                              keep_n)
+
+        starts = [(i0, j0) for i0 in row_starts for j0 in col_starts]
+        # the fc2 draws are done: the tiles are independent, so evaluation shares them among threads
+        tiles = map_blocks(score, starts, inference_threads(len(starts), img.device))
+        w = len(col_starts)
+        return torch.cat([torch.cat(tiles[r * w:(r + 1) * w], 1) for r in range(len(row_starts))], 0)
 
     def _tile(self, patches, pn, a_self, slot_logit, cls_n, caps, cap_mask, q, keep_n) -> torch.Tensor:
         """Scores ``[bi, bj]`` of a tile; see ``_pair_scores``. Equal to upstream's per-caption loop up to rounding."""

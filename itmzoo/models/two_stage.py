@@ -22,9 +22,9 @@ import torch
 
 from ..config import ConfigError, ModelConfig, config_to_dict
 from ..data.synthetic import SYNTHETIC_VOCAB
-from ..features import Features, slice_features
+from ..features import Features
 from ..registry import RegistryError, instantiate, register_model, resolve_config
-from .base import EvalSettings, ITMModel
+from .base import EvalSettings, ITMModel, pair_scores_by_blocks
 
 __all__ = ["TwoStage", "TwoStageConfig"]
 
@@ -178,8 +178,8 @@ class TwoStage(ITMModel):
         parts = ["second", "first"] if self.config.combine == "sum" else ["second"]
         total = None
         for part in parts:
-            s = _pair_scores(getattr(self, part), _unpack(image_feats, part), _unpack(text_feats, part),
-                             image_index, text_index, direction, self.config.block_waste)
+            s = pair_scores_by_blocks(getattr(self, part), _unpack(image_feats, part), _unpack(text_feats, part),
+                                      image_index, text_index, direction, self.config.block_waste)
             total = s if total is None else total + s
         return total
 
@@ -229,48 +229,6 @@ class TwoStage(ITMModel):
             setattr(self.config, f"{part}_config", config_to_dict(loaded.config))
         if self.first.input_kind != self.second.input_kind:
             raise ConfigError("two_stage: the loaded parts take different inputs")
-
-
-def _pair_scores(model: ITMModel, image_feats: Features, text_feats: Features, image_index: torch.Tensor,
-                 text_index: torch.Tensor, direction: str, max_waste: float) -> torch.Tensor:
-    """``model.similarity`` on dense blocks that cover the pairs, returned in pair order.
-
-    Consecutive queries are grouped while the block (queries x the union of their candidates) holds at
-    most `max_waste` times as many pairs as were asked for: a cross model scores a large block faster
-    per pair than one query at a time (LHSC: 5x, see docs/evaluation.md).
-    """
-    i2t = direction == "i2t"
-    query, cand = (image_index, text_index) if i2t else (text_index, image_index)
-    out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
-    if query.numel() == 0:
-        return out
-    order = torch.argsort(query, stable=True)
-    q_sorted = query[order]
-    starts = torch.ones_like(q_sorted, dtype=torch.bool)
-    starts[1:] = q_sorted[1:] != q_sorted[:-1]
-    bounds = torch.nonzero(starts).flatten().tolist() + [q_sorted.numel()]
-    cand_sorted = cand[order].tolist()
-    groups: list[tuple[int, int, set[int]]] = []  # (first pair, end pair, union of candidates) in sorted order
-    a0, union, n_q = 0, set(), 0
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        new = union.union(cand_sorted[a:b])
-        if n_q and (n_q + 1) * len(new) > max_waste * (b - a0):
-            groups.append((a0, a, union))
-            a0, new, n_q = a, set(cand_sorted[a:b]), 0
-        union, n_q = new, n_q + 1
-    groups.append((a0, q_sorted.numel(), union))
-    for a, b, union in groups:
-        pos = order[a:b]
-        qs = torch.unique(q_sorted[a:b])
-        cs = torch.tensor(sorted(union), dtype=torch.long, device=query.device)
-        if i2t:
-            block = model.similarity(slice_features(image_feats, qs), slice_features(text_feats, cs))
-        else:
-            block = model.similarity(slice_features(image_feats, cs), slice_features(text_feats, qs)).t()
-        rows = torch.searchsorted(qs, query[pos])
-        cols = torch.searchsorted(cs, cand[pos])
-        out[pos] = block[rows, cols].float()
-    return out
 
 
 @register_model("two_stage", config=TwoStageConfig, input_kind="regions", scoring="two-stage",
