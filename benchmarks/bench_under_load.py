@@ -7,7 +7,7 @@ so slow moments of a shared machine hit both. Reported per path: medians over ro
 condition; the 1-minute load average is recorded at every measurement.
 
     python benchmarks/bench_under_load.py [--rounds 3] [--paths recall,embed_sim,...] [--n 2000]
-        [--window 30] [--esa-upstream DIR] [--lhsc-upstream DIR] [--json out.json]
+        [--window 30] [--esa-upstream DIR] [--lhsc-upstream DIR] [--scta-upstream DIR] [--json out.json]
 
 Hot paths and their references (same inputs, same process, same thread settings):
 
@@ -18,6 +18,10 @@ Hot paths and their references (same inputs, same process, same thread settings)
 * ``lhsc_sim``: `similarity_matrix` of LHSC (paper dims, random weights) over 40 x 200 pairs, vs the
   authors' ``shard_attn_scores`` (with ``--lhsc-upstream``; it also computes the global vectors, which
   itmzoo's encoders compute once) or else the same itmzoo model called one caption at a time.
+* ``scta_sim``: `similarity_matrix` of SCTA's cross-net (paper dims, the faithful ``cap_fc2`` mode,
+  whose draws keep the 256 x 256 blocks in order; the pair tiles inside a block are shared) over
+  48 x 32 encoded pairs, vs the authors' ``CrossSparseAggrNet_v2`` block by block (only with
+  ``--scta-upstream``, an ``ICME2025ITR/SCTA`` checkout; benchmarks/bench_scta_similarity.py).
 * ``esa_encode``: `encode_split` of the ESA demo model (configs/esa_demo_synthetic.yaml) on 200
   images and 1,000 captions, vs the same batches encoded one after another with torch's own threads
   (the loop of the authors' ``encode_data``, with itmzoo's encoders).
@@ -111,6 +115,32 @@ def _lhsc_sim(upstream: Path | None) -> tuple[Timed, Timed]:
     return _plain(ours), _plain(loop)
 
 
+def _scta_sim(upstream: Path, n_images: int = 48, n_captions: int = 32) -> tuple[Timed, Timed]:
+    """SCTA's cross-net (paper dims, reference mode) on encoded features vs the authors' blocks."""
+    import bench_scta_similarity as S
+
+    from itmzoo.models.scta import TINY_OVERRIDES
+
+    for name in [m for m in sys.modules if m == "lib" or m.startswith("lib.")]:
+        del sys.modules[name]  # ESA's checkout calls its package `lib` too
+    net = S.load_upstream(str(upstream))
+    model = itmzoo.build("scta", embed_size=512, num_patches=196,
+                         vit_config={**TINY_OVERRIDES["scta"]["vit_config"], "image_size": 224},
+                         bert_config=TINY_OVERRIDES["scta"]["bert_config"]).eval()
+    model.cross_net.load_state_dict(net.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(n_images, 1, 512, generator=g) + 0.8 * torch.randn(n_images, 197, 512, generator=g)
+    lens = S.caption_lengths(n_captions)
+    mask = torch.arange(int(lens.max()))[None] < lens[:, None]
+    cap = torch.randn(n_captions, int(lens.max()), 512, generator=g) * mask[..., None]
+    block = model.eval_settings().block
+
+    def ours() -> None:
+        similarity_matrix(model.eval(), {"tokens": img}, {"tokens": cap, "mask": mask}, block=block, progress=False)
+
+    return _plain(ours), _plain(lambda: S.upstream_scores(net, img, cap, lens, block[0]))
+
+
 def _esa_encode() -> tuple[Timed, Timed]:
     import yaml
 
@@ -194,7 +224,7 @@ def _time(fn: Timed, cond: str) -> float:
     return time.perf_counter() - t
 
 
-PATHS = "recall,embed_sim,lhsc_sim,esa_encode,esa_step,lhsc_step,esa_step_fixed,lhsc_step_fixed"
+PATHS = "recall,embed_sim,lhsc_sim,esa_encode,esa_step,lhsc_step,esa_step_fixed,lhsc_step_fixed"  # + scta_sim
 
 
 def main() -> None:
@@ -205,18 +235,22 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=30, help="training steps per timing of a *_step path")
     ap.add_argument("--esa-upstream", type=Path, default=None, help="KevinLight831/ESA checkout (step reference)")
     ap.add_argument("--lhsc-upstream", type=Path, default=None, help="lDarryll/LHSC checkout (references)")
+    ap.add_argument("--scta-upstream", type=Path, default=None, help="ICME2025ITR/SCTA checkout (scta_sim)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     esa_cfg, lhsc_cfg = "configs/esa_demo_synthetic.yaml", "configs/lhsc_demo_synthetic.yaml"
     w = args.window
     makers = {"recall": lambda: _recall(args.n), "embed_sim": lambda: _embed_sim(args.n),
               "lhsc_sim": lambda: _lhsc_sim(args.lhsc_upstream), "esa_encode": _esa_encode,
+              "scta_sim": lambda: _scta_sim(args.scta_upstream),
               "esa_step": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, True),
               "lhsc_step": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, True),
               "esa_step_fixed": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, False),
               "lhsc_step_fixed": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, False)}
     units = {name: (w if "_step" in name else 1) for name in makers}  # times are reported per step
     names = [p for p in args.paths.split(",") if p]
+    if "scta_sim" in names and args.scta_upstream is None:
+        raise SystemExit("--paths scta_sim needs --scta-upstream DIR (its reference is the authors' cross-net)")
     unknown = sorted(set(names) - set(makers))
     if unknown:
         raise SystemExit(f"--paths: unknown {unknown}; expected some of {sorted(makers)}")
@@ -235,7 +269,8 @@ def main() -> None:
                 spin.wait()
     times: dict[tuple[str, str, str], list[float]] = {}
     loads: dict[str, list[float]] = {"free": [], "busy": []}
-    refs = {"esa": args.esa_upstream is not None, "lhsc": args.lhsc_upstream is not None}
+    refs = {"esa": args.esa_upstream is not None, "lhsc": args.lhsc_upstream is not None,
+            "scta": args.scta_upstream is not None}
     print(f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, authors' code as reference: "
           f"{', '.join(k for k, v in refs.items() if v) or 'none'}", flush=True)
