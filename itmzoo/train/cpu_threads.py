@@ -48,7 +48,7 @@ def cpu_threads_beside_workers(device: torch.device, num_workers: int) -> int | 
 @dataclasses.dataclass
 class CpuThreadPlan:
     """How a run sets torch's threads: `threads` for the run (None: keep the current count), and a
-    `tuner` that changes the count per step (None: fixed); `why` is one line for the log."""
+    `tuner` that changes the count per step (None: fixed); `why` says why, for the start-up line."""
 
     threads: int | None
     tuner: ThreadTuner | None
@@ -76,7 +76,7 @@ def plan_cpu_threads(device: torch.device, cpu_threads: int | None, num_workers:
     if deterministic or world > 1 or most == 1:
         reason = "train.deterministic" if deterministic else "several processes" if world > 1 else ""
         return CpuThreadPlan(beside, None, "; ".join(x for x in (why, reason) if x) or "one thread")
-    return CpuThreadPlan(beside, ThreadTuner(most), "; ".join(x for x in (why, "measured per step") if x))
+    return CpuThreadPlan(beside, ThreadTuner(most), why)
 
 
 def candidate_counts(max_threads: int) -> list[int]:

@@ -258,9 +258,12 @@ class Trainer:
         if plan.threads is not None:
             torch.set_num_threads(plan.threads)
         if self.main and self.verbose and device.type == "cpu":
-            how = (f"up to {self.tuner.max_threads}, chosen from step times (train.cpu_threads fixes a count)"
-                   if self.tuner is not None else f"{torch.get_num_threads()}")
-            print(f"train: CPU threads {how}; {plan.why}")
+            if self.tuner is not None:
+                how = (f"CPU threads chosen from step times among {self.tuner.candidates} "
+                       "(train.cpu_threads fixes the count)")
+            else:
+                how = f"{torch.get_num_threads()} CPU thread(s)"
+            print(f"train: {how}" + (f"; {plan.why}" if plan.why else ""))
         try:
             resumed_from = self._maybe_resume()
             if resumed_from is None:
