@@ -243,14 +243,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not main:
         return 0
     sims = metrics.pop("sims", None)
-    for path, writer in ((args.save_sims, _save_sims), (args.save_ranks, _save_ranks)):
-        if path:
-            writer(path, sims, split, metrics["protocol"])
-            print(f"wrote {path}")
+    ranks = None
+    if args.save_ranks or args.report:  # one rank pass serves both
+        from .eval import fold_ranks
+
+        ranks = fold_ranks(sims, split, metrics["protocol"])
+    if args.save_sims:
+        _save_sims(args.save_sims, sims, split, metrics["protocol"])
+        print(f"wrote {args.save_sims}")
+    if args.save_ranks:
+        _save_ranks(args.save_ranks, ranks, split, metrics["protocol"])
+        print(f"wrote {args.save_ranks}")
     if args.report:
         from .eval.html import write_report
 
-        page = write_report(args.report, {**metrics, "checkpoint": str(source)}, split, sims)
+        page = write_report(args.report, {**metrics, "checkpoint": str(source)}, split, sims, ranks=ranks)
         print(f"report: {page}")
     metrics["checkpoint"] = str(source)
     print(f"{getattr(split, 'name', '') or 'split'} ({metrics['protocol']}, {metrics['n_images']} images, "
@@ -295,15 +302,6 @@ def _expected_of(name: str, has_checkpoint: bool) -> tuple[str, dict[str, float]
     return f"{entry.name}.{tag}", dict(tags[tag].expected)
 
 
-def _direction_matrices(sims: Any) -> list[dict[str, Any]]:
-    """Per fold, ``{"i2t": matrix, "t2i": matrix}`` (one matrix serves both unless the model re-ranks)."""
-    from .eval import DirectionalScores
-
-    folds = sims if isinstance(sims, list) else [sims]
-    return [{"i2t": s.i2t, "t2i": s.t2i} if isinstance(s, DirectionalScores) else {"i2t": s, "t2i": s}
-            for s in folds]
-
-
 def _npz_name(fold: int, n_folds: int, key: str) -> str:
     return key if n_folds == 1 else f"fold{fold}_{key}"
 
@@ -313,14 +311,15 @@ def _save_sims(path: str, sims: Any, split: Any, protocol: str) -> None:
     import numpy as np
 
     from .checkpoints.atomic import save_with
+    from .eval import direction_matrices
 
-    folds = _direction_matrices(sims)
+    folds = direction_matrices(sims)
     arrays: dict[str, Any] = {"caption_to_image": np.asarray(split.caption_to_image)}
-    for f, d in enumerate(folds):
-        if d["i2t"] is d["t2i"]:
-            arrays[_npz_name(f, len(folds), "sims")] = d["i2t"].numpy()
+    for f, (i2t, t2i) in enumerate(folds):
+        if i2t is t2i:
+            arrays[_npz_name(f, len(folds), "sims")] = i2t.numpy()
         else:
-            arrays.update({_npz_name(f, len(folds), f"sims_{k}"): v.numpy() for k, v in d.items()})
+            arrays.update({_npz_name(f, len(folds), f"sims_{k}"): v.numpy() for k, v in (("i2t", i2t), ("t2i", t2i))})
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
@@ -329,29 +328,25 @@ def _save_sims(path: str, sims: Any, split: Any, protocol: str) -> None:
     save_with(path, write)
 
 
-def _save_ranks(path: str, sims: Any, split: Any, protocol: str) -> None:
+def _save_ranks(path: str, ranks: Any, split: Any, protocol: str) -> None:
     """``--save-ranks``: JSON, per fold of the protocol and direction, each query's 1-based rank of its
-    ground truth (indices are positions in the split)."""
+    ground truth (indices are positions in the split); `ranks` is `itmzoo.eval.fold_ranks`' list."""
     import numpy as np
 
     from .checkpoints.atomic import write_text_atomic
-    from .eval import protocol_folds, retrieval_ranks
+    from .jsonfmt import dumps
 
     c2i = np.asarray(split.caption_to_image)
     ids = list(split.image_ids) if split.image_ids is not None else list(range(split.num_images))
     folds = []
-    for (f_img, caps), d in zip(protocol_folds(protocol, c2i, split.num_images), _direction_matrices(sims)):
-        sub = c2i[caps] - f_img.start
-        i2t, _ = retrieval_ranks(d["i2t"], sub)
-        _, t2i = retrieval_ranks(d["t2i"], sub)
+    for f in ranks:
+        start, caps = f.first_image, f.captions
         folds.append({
-            "i2t": [{"image": f_img.start + i, "image_id": ids[f_img.start + i], "rank": int(r) + 1}
-                    for i, r in enumerate(i2t.tolist())],
+            "i2t": [{"image": start + i, "image_id": ids[start + i], "rank": int(r) + 1}
+                    for i, r in enumerate(f.i2t.tolist())],
             "t2i": [{"caption": int(caps[j]), "image": int(c2i[caps[j]]), "caption_text": split.captions[caps[j]],
-                     "rank": int(r) + 1} for j, r in enumerate(t2i.tolist())]})
+                     "rank": int(r) + 1} for j, r in enumerate(f.t2i.tolist())]})
     out = {"protocol": protocol, "rank_base": 1, "folds": folds}
-    from .jsonfmt import dumps
-
     write_text_atomic(path, dumps(out, indent=1))
 
 

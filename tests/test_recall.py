@@ -211,3 +211,25 @@ def test_torch_pass_used_on_cuda_gives_the_cpu_ranks(monkeypatch):
     for mode, (i2t, t2i) in want.items():
         got = retrieval_ranks(S, c2i, tie_mode=mode, chunk=4)
         assert torch.equal(got[0], i2t) and torch.equal(got[1], t2i), mode
+
+
+def test_fold_ranks_rank_each_fold_within_itself_and_each_direction_on_its_matrix():
+    from types import SimpleNamespace
+
+    from itmzoo.eval import DirectionalScores, fold_ranks, retrieval_ranks
+
+    g = torch.Generator().manual_seed(0)
+    c2i = torch.arange(50) // 5
+    split = SimpleNamespace(caption_to_image=c2i.numpy(), num_images=10, num_captions=50)
+    a, b = torch.randn(10, 50, generator=g), torch.randn(10, 50, generator=g)
+    blocks = [(slice(2 * k, 2 * k + 2), slice(10 * k, 10 * k + 10)) for k in range(5)]  # each fold's own matrix
+    folds = fold_ranks([DirectionalScores(a[r, c], b[r, c]) for r, c in blocks], split, "5fold")
+    assert len(folds) == 5
+    for k, f in enumerate(folds):
+        caps = torch.arange(10 * k, 10 * k + 10)
+        assert f.first_image == 2 * k and f.captions.tolist() == caps.tolist()
+        sub = c2i[caps] - 2 * k
+        assert torch.equal(f.i2t, retrieval_ranks(a[blocks[k]], sub)[0])
+        assert torch.equal(f.t2i, retrieval_ranks(b[blocks[k]], sub)[1])
+    whole = fold_ranks(a, split, "full")[0]  # one matrix serves both directions
+    assert torch.equal(whole.i2t, retrieval_ranks(a, c2i)[0]) and torch.equal(whole.t2i, retrieval_ranks(a, c2i)[1])

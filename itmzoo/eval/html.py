@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from .recall import DirectionalScores, retrieval_ranks
+from .protocols import FoldRanks, direction_matrices, fold_ranks, protocol_folds
 from .report import chance_metrics
 
 __all__ = ["recall_curves", "write_report"]
@@ -29,31 +28,16 @@ THUMB = 96
 MAX_K = 50
 
 
-def _fold_matrices(sims: Any, split: Any, protocol: str) -> list[tuple[int, np.ndarray, Any, Any]]:
-    """Per fold: (first image, caption indices, i2t matrix, t2i matrix)."""
-    from .protocols import protocol_folds
-
-    mats = sims if isinstance(sims, list) else [sims]
-    out = []
-    for (f_img, caps), s in zip(protocol_folds(protocol, split.caption_to_image, split.num_images), mats):
-        i2t, t2i = (s.i2t, s.t2i) if isinstance(s, DirectionalScores) else (s, s)
-        out.append((f_img.start, caps, torch.as_tensor(i2t), torch.as_tensor(t2i)))
-    return out
-
-
-def recall_curves(sims: Any, split: Any, protocol: str = "full", max_k: int = MAX_K) -> dict[str, list[float]]:
-    """``{"k": [1..K], "i2t": [R@k ...], "t2i": [...]}`` in percent, over every fold's queries."""
-    c2i = np.asarray(split.caption_to_image)
-    ranks: dict[str, list[np.ndarray]] = {"i2t": [], "t2i": []}
-    for start, caps, i2t, t2i in _fold_matrices(sims, split, protocol):
-        sub = c2i[caps] - start
-        ranks["i2t"].append(retrieval_ranks(i2t, sub)[0].numpy())
-        ranks["t2i"].append(retrieval_ranks(t2i, sub)[1].numpy())
-    n_gallery = min(len(c2i), split.num_images)
+def recall_curves(sims: Any, split: Any, protocol: str = "full", max_k: int = MAX_K,
+                  ranks: list[FoldRanks] | None = None) -> dict[str, list[float]]:
+    """``{"k": [1..K], "i2t": [R@k ...], "t2i": [...]}`` in percent, over every fold's queries
+    (`ranks`: `fold_ranks` of the same scores, when already computed)."""
+    folds = ranks if ranks is not None else fold_ranks(sims, split, protocol)
+    n_gallery = min(split.num_captions, split.num_images)
     ks = list(range(1, min(max_k, max(n_gallery, 1)) + 1))
     out: dict[str, list[float]] = {"k": [float(k) for k in ks]}
-    for d, r in ranks.items():
-        allr = np.concatenate(r)
+    for d in ("i2t", "t2i"):
+        allr = np.concatenate([getattr(f, d).numpy() for f in folds])
         out[d] = [float((allr < k).mean() * 100) for k in ks]
     return out
 
@@ -150,7 +134,9 @@ def _image_cell(thumbs: _Thumbs, split: Any, i: int, css: str, score: float | No
 
 
 def _examples(sims: Any, split: Any, protocol: str, thumbs: _Thumbs, n: int, k: int = 5) -> str:
-    start, caps, i2t, t2i = _fold_matrices(sims, split, protocol)[0]
+    (f_img, caps), (i2t, t2i) = (protocol_folds(protocol, split.caption_to_image, split.num_images)[0],
+                                 direction_matrices(sims)[0])
+    start = f_img.start
     c2i = np.asarray(split.caption_to_image)
     n_img = i2t.shape[0]
     rows = ['<h2>Caption &rarr; images</h2>', "<table class='grid'>"]
@@ -197,18 +183,19 @@ def _metrics_table(metrics: Mapping[str, Any], chance: Mapping[str, float] | Non
 
 
 def write_report(directory: str | Path, metrics: Mapping[str, Any], split: Any, sims: Any, *,
-                 title: str | None = None, n_examples: int = 8) -> Path:
+                 title: str | None = None, n_examples: int = 8, ranks: list[FoldRanks] | None = None) -> Path:
     """Write the report into `directory` (atomically) and return the path of its ``index.html``.
 
     `sims` is what ``evaluate(..., return_sims=True)`` returns under ``"sims"`` (a matrix, a
-    `DirectionalScores`, or a list of them per fold of the protocol).
+    `DirectionalScores`, or a list of them per fold of the protocol); `ranks`, its `fold_ranks` if the
+    caller has them already.
     """
     from ..checkpoints.atomic import atomic_dir
 
     protocol = metrics.get("protocol", "full")
     directory = Path(directory)
     title = title or f"{metrics.get('model', 'model')} on {metrics.get('split', '') or 'split'}"
-    curves = recall_curves(sims, split, protocol)
+    curves = recall_curves(sims, split, protocol, ranks=ranks)
     chance = chance_metrics(split.caption_to_image)
     with atomic_dir(directory) as tmp:
         thumbs = _Thumbs(tmp, split)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from .options import PROTOCOLS, EvalOptions, Protocol, ResolvedSettings, eval_options, get_protocol, resolve_settings
-from .recall import METRIC_KEYS, DirectionalScores, TieMode, recall_metrics
+from .recall import METRIC_KEYS, DirectionalScores, TieMode, recall_metrics, retrieval_ranks
 
-__all__ = ["PROTOCOLS", "Protocol", "ensemble_similarity", "evaluate", "evaluate_ensemble", "metrics_from_sims",
-           "protocol_folds"]
+__all__ = ["PROTOCOLS", "FoldRanks", "Protocol", "direction_matrices", "ensemble_similarity", "evaluate",
+           "evaluate_ensemble", "fold_ranks", "metrics_from_sims", "protocol_folds"]
 
 
 def protocol_folds(protocol: str, caption_to_image: np.ndarray, n_images: int) -> list[tuple[slice, np.ndarray]]:
@@ -43,6 +43,40 @@ def protocol_folds(protocol: str, caption_to_image: np.ndarray, n_images: int) -
         caps = np.flatnonzero((c2i >= k * size) & (c2i < (k + 1) * size))
         folds.append((slice(k * size, (k + 1) * size), caps))
     return folds
+
+
+def direction_matrices(sims: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per fold of ``evaluate(..., return_sims=True)["sims"]`` (a matrix, a `DirectionalScores`, or a list
+    of them per fold): the ``(i2t, t2i)`` matrices; one matrix serves both unless the model re-ranks."""
+    out = []
+    for s in sims if isinstance(sims, list) else [sims]:
+        if isinstance(s, DirectionalScores):
+            out.append((torch.as_tensor(s.i2t), torch.as_tensor(s.t2i)))
+        else:
+            m = torch.as_tensor(s)
+            out.append((m, m))
+    return out
+
+
+@dataclasses.dataclass
+class FoldRanks:
+    """0-based ranks of one fold's queries: `i2t` per image from `first_image` on, `t2i` per caption of
+    `captions` (their positions in the split)."""
+
+    first_image: int
+    captions: np.ndarray
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+
+
+def fold_ranks(sims: Any, split: Any, protocol: str = "full") -> list[FoldRanks]:
+    """The ranks behind the metrics of ``evaluate(..., return_sims=True)``, per fold of `protocol`."""
+    c2i = np.asarray(split.caption_to_image)
+    out = []
+    for (f_img, caps), (i2t, t2i) in zip(protocol_folds(protocol, c2i, split.num_images), direction_matrices(sims)):
+        sub = c2i[caps] - f_img.start
+        out.append(FoldRanks(f_img.start, caps, retrieval_ranks(i2t, sub)[0], retrieval_ranks(t2i, sub)[1]))
+    return out
 
 
 def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
