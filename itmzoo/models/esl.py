@@ -62,6 +62,7 @@ from ..encoders.regions import RegionFeatureEncoder, region_mask
 from ..features import sequence_mask
 from ..losses import contrastive_loss, hinge_triplet_loss, l2norm, positive_mask
 from ..registry import Tag, expected_recalls, register_model
+from ..threads import inference_threads, map_blocks
 from .base import EvalSettings, ITMModel
 
 __all__ = [
@@ -309,21 +310,29 @@ def esl_cross_scores(words: torch.Tensor, word_mask: torch.Tensor, regions: torc
     fn = _pair_scores_grad if grad else _pair_scores_fast
     # square-ish chunks (images x captions) keep the product efficient and the chunk in cache
     ic = max(1, min(Ni, int(math.sqrt(chunk_elems / (sorted_len[-1] * R)))))
-    cols: list[torch.Tensor] = []
-    idx: list[list[int]] = []
+    idx: list[list[int]] = []  # caption chunks, each padded to its last (longest) caption
+    widths: list[int] = []
     a = 0
     while a < C:
-        b = a + 1  # sorted ascending: the chunk is padded to its last (longest) caption
+        b = a + 1
         while b < C and (b + 1 - a) * sorted_len[b] * R * ic <= chunk_elems:
             b += 1
-        sel = order[a:b]
-        width = sorted_len[b - 1]
-        w, m = words[sel, :width], word_mask[sel, :width]
-        blocks = [fn(w, m, regions[i:i + ic], None if region_mask is None else region_mask[i:i + ic], smooth)
-                  for i in range(0, Ni, ic)]
-        cols.append(torch.cat(blocks, 0) if len(blocks) > 1 else blocks[0])
-        idx.append(sel)
+        idx.append(order[a:b])
+        widths.append(sorted_len[b - 1])
         a = b
+    row_starts = range(0, Ni, ic)
+
+    def block(work: tuple[int, int]) -> torch.Tensor:
+        sel, width, i = idx[work[0]], widths[work[0]], work[1]
+        return fn(words[sel, :width], word_mask[sel, :width], regions[i:i + ic],
+                  None if region_mask is None else region_mask[i:i + ic], smooth)
+
+    # evaluation on the CPU: the (caption chunk, image block) pieces on threads
+    pieces = [(c, i) for c in range(len(idx)) for i in row_starts]
+    done = map_blocks(block, pieces, 1 if grad else inference_threads(len(pieces), words.device))
+    n_rows = len(row_starts)
+    cols = [torch.cat(done[c * n_rows:(c + 1) * n_rows], 0) if n_rows > 1 else done[c * n_rows]
+            for c in range(len(idx))]
     flat = [j for s in idx for j in s]
     scores = torch.cat(cols, 1)
     inv = torch.empty(C, dtype=torch.long)
