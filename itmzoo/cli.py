@@ -134,16 +134,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
 
 
-def _check_model_args(args: argparse.Namespace) -> None:
-    """One clear error for a missing, doubled or misplaced model source (before anything is built)."""
-    if args.pretrained and Path(args.pretrained).is_file():
-        raise ValueError(f"--pretrained {args.pretrained}: is a file; --pretrained takes a native directory "
+def _model_flags(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The values of one model source's flags: ``--{prefix}pretrained``, ``model``, ``checkpoint``, ``set``."""
+    dest = prefix.replace("-", "_")
+    return {k: getattr(args, dest + k, None) for k in ("pretrained", "model", "checkpoint", "set")}
+
+
+def _check_model_args(args: argparse.Namespace, prefix: str = "") -> None:
+    """One clear error for a missing, doubled or misplaced model source (before anything is built).
+
+    `prefix` picks the flags: ``""`` for ``--pretrained/--model/--checkpoint``, ``"first-stage-"`` for
+    ``--first-stage-pretrained`` and so on."""
+    v = _model_flags(args, prefix)
+    pre, mod, ck = (f"--{prefix}{k}" for k in ("pretrained", "model", "checkpoint"))
+    if v["pretrained"] and Path(v["pretrained"]).is_file():
+        raise ValueError(f"{pre} {v['pretrained']}: is a file; {pre} takes a native directory "
                          "(save_pretrained, itmzoo convert, DIR/best of a run); for an authors' checkpoint "
-                         "file use --model NAME --checkpoint FILE")
-    if args.pretrained and (args.model or args.checkpoint):
-        raise ValueError("give either --pretrained DIR or --model NAME --checkpoint PATH, not both")
-    if not (args.pretrained or args.model):
-        raise ValueError("say which model: --pretrained DIR, or --model NAME --checkpoint PATH")
+                         f"file use {mod} NAME {ck} FILE")
+    if v["pretrained"] and (v["model"] or v["checkpoint"]):
+        raise ValueError(f"give either {pre} DIR or {mod} NAME {ck} PATH, not both")
+    if not (v["pretrained"] or v["model"]):
+        raise ValueError(f"say which model: {pre} DIR, or {mod} NAME {ck} PATH")
 
 
 def _parse_kv(items: Sequence[str], what: str) -> dict[str, Any]:
@@ -350,26 +361,62 @@ def _save_ranks(path: str, ranks: Any, split: Any, protocol: str) -> None:
     write_text_atomic(path, dumps(out, indent=1))
 
 
-def _model_for(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
-    """The model of ``--pretrained DIR`` or ``--model NAME [--checkpoint FILE]`` and how an index finds it again
-    (None: random weights, which the index must carry)."""
+def _model_for(args: argparse.Namespace, prefix: str = "") -> tuple[Any, dict[str, Any] | None]:
+    """The model of ``--pretrained DIR`` or ``--model NAME [--checkpoint FILE]`` (flags named with `prefix`,
+    as in `_check_model_args`) and how an index finds it again (None: random weights, which the index must
+    carry)."""
     from . import api
 
-    _check_model_args(args)
-    overrides = _parse_kv(args.set or [], "--set")
-    if args.pretrained:
+    _check_model_args(args, prefix)
+    v = _model_flags(args, prefix)
+    overrides = _parse_kv(v["set"] or [], f"--{prefix}set")
+    if v["pretrained"]:
         if overrides:
-            raise ValueError("--set changes the config of --model; a --pretrained directory keeps its own")
-        return api.load(args.pretrained), {"pretrained": str(Path(args.pretrained).resolve())}
+            raise ValueError(f"--{prefix}set changes the config of --{prefix}model; a --{prefix}pretrained "
+                             "directory keeps its own")
+        return api.load(v["pretrained"]), {"pretrained": str(Path(v["pretrained"]).resolve())}
     import torch
 
     torch.manual_seed(args.seed)
-    model = api.build(args.model, checkpoint=args.checkpoint, **overrides)
-    if not args.checkpoint:
-        print(f"itmzoo index: note: no --checkpoint, indexing with random weights of '{args.model}' "
+    model = api.build(v["model"], checkpoint=v["checkpoint"], **overrides)
+    if not v["checkpoint"]:
+        print(f"itmzoo index: note: no --{prefix}checkpoint, indexing with random weights of '{v['model']}' "
               "(the index keeps a copy of the model)", file=sys.stderr)
         return model, None
-    return model, {"name": args.model, "checkpoint": str(Path(args.checkpoint).resolve()), "overrides": overrides}
+    return model, {"name": v["model"], "checkpoint": str(Path(v["checkpoint"]).resolve()), "overrides": overrides}
+
+
+FIRST = "first-stage-"
+
+
+def _check_first_stage_args(args: argparse.Namespace) -> bool:
+    """Whether a first stage is asked for; one clear error for a doubled, partial or unsavable one."""
+    v = _model_flags(args, FIRST)
+    if not any(v.values()):
+        return False
+    _check_model_args(args, FIRST)
+    if v["model"] and not v["checkpoint"]:
+        raise ValueError(f"--{FIRST}model {v['model']} needs --{FIRST}checkpoint FILE: the index records where "
+                         "its first stage comes from, and random weights could not be rebuilt")
+    if args.model and not args.checkpoint:
+        raise ValueError(f"--model {args.model} without --checkpoint (random weights) cannot take a first stage: "
+                         "the index records where both models come from; give --checkpoint FILE or --pretrained DIR")
+    return True
+
+
+def _check_first_stage_fits(args: argparse.Namespace, model: Any, first: Any = None) -> None:
+    """The Retriever's own checks on a first stage, worded with the command line's flags: the model must
+    score by ``cross`` (checked before the first stage is built) and `first` must be an embedding model
+    taking the model's input kind."""
+    v = _model_flags(args, FIRST)
+    given = f"--{FIRST}pretrained {v['pretrained']}" if v["pretrained"] else f"--{FIRST}model {v['model']}"
+    if model.scoring != "cross":
+        raise ValueError(f"{given}: a first stage is for cross models; {model.registry_name} scores by "
+                         f"{model.scoring!r} and ranks on its own")
+    if first is not None and (first.scoring != "embedding" or first.input_kind != model.input_kind):
+        raise ValueError(f"{given}: expected an embedding model taking {model.input_kind} (as "
+                         f"{model.registry_name} does), got {first.registry_name}, a {first.scoring} model "
+                         f"taking {first.input_kind}")
 
 
 def _read_captions_file(path: str) -> list[str]:
@@ -392,11 +439,27 @@ def _cmd_index(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists; choose another directory or pass --force to replace it")
+    if args.rerank_k is not None and args.rerank_k <= 0:
+        raise ValueError(f"--rerank-k: expected a positive number of candidates, got {args.rerank_k}")
+    with_first = _check_first_stage_args(args)
     model, source = _model_for(args)
+    first = None
+    if with_first:
+        _check_first_stage_fits(args, model)
+        first, first_source = _model_for(args, FIRST)
+        _check_first_stage_fits(args, model, first)
+        source = {**(source or {}), "first_stage": first_source}
+    if args.rerank_k is not None and not (model.scoring == "two-stage" or first is not None):
+        raise ValueError(f"--rerank-k re-scores candidates of two-stage models and of cross models with a first "
+                         f"stage (--{FIRST}pretrained/--{FIRST}model); {model.registry_name} scores by "
+                         f"{model.scoring!r}" + (" and has no first stage" if model.scoring == "cross" else ""))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    if first is not None:
+        first.to(device).eval()
     progress = not args.quiet and sys.stderr.isatty()
-    kw = dict(batch_size=args.batch_size, device=device, progress=progress, backend=args.backend)
+    kw = dict(batch_size=args.batch_size, device=device, progress=progress, backend=args.backend,
+              first_stage=first, rerank_k=args.rerank_k)
     extra: dict[str, Any] = {}
     if args.data:
         from .data import load_split
@@ -416,8 +479,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
     retriever.save(out, model_source=source, extra=extra)
     counts = {w: len(retriever.image_ids or []) if w == "image" else len(retriever.caption_ids or [])
               for w in retriever.features}
-    print(f"indexed {', '.join(f'{n} {w}s' for w, n in counts.items())} with {model.registry_name} "
-          f"({model.scoring}, {retriever.backend}) -> {out}")
+    how = (f"{model.scoring}, first stage {first.registry_name}, rerank_k {retriever.rerank_k}" if first is not None
+           else f"{model.scoring}, rerank_k {retriever.rerank_k}" if model.scoring == "two-stage"
+           else f"{model.scoring}, {retriever.backend}")
+    print(f"indexed {', '.join(f'{n} {w}s' for w, n in counts.items())} with {model.registry_name} ({how}) -> {out}")
     return 0
 
 
@@ -429,7 +494,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if bool(args.query) == bool(args.image):
         raise ValueError('give one query: a caption ("a red circle") or --image PATH')
     retriever = Retriever.load(args.index, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    retriever.model.to(retriever.device).eval()
+    for m in (retriever.model, retriever.first_stage):
+        if m is not None:  # a cross model's first stage encodes the query too
+            m.to(retriever.device).eval()
     if args.image:
         res = retriever.search_captions([args.image], k=args.k)
     else:
@@ -560,6 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
                                     "one caption per line) once; `itmzoo search` then queries it.")
     px.add_argument("out", help="index directory to write (atomically)")
     _add_model_args(px)
+    px.add_argument(f"--{FIRST}pretrained", dest="first_stage_pretrained", metavar="DIR",
+                    help="cross models: an embedding model (native directory) whose top --rerank-k candidates "
+                         "per query the model re-scores, instead of scoring every pair")
+    px.add_argument(f"--{FIRST}model", dest="first_stage_model", metavar="NAME",
+                    help="cross models: the first stage as a registry name (with --first-stage-checkpoint)")
+    px.add_argument(f"--{FIRST}checkpoint", dest="first_stage_checkpoint", metavar="FILE",
+                    help="official checkpoint file or native directory for --first-stage-model")
+    px.add_argument(f"--{FIRST}set", dest="first_stage_set", action="append", metavar="KEY=VALUE",
+                    help="config override of --first-stage-model (repeatable)")
+    px.add_argument("--rerank-k", dest="rerank_k", type=int,
+                    help="candidates re-scored per query (cross with a first stage, two-stage; default: the "
+                         "model's, else 128)")
     px.add_argument("--images", help="folder of pictures (pixel models) or .npy region arrays (region models)")
     px.add_argument("--captions", help="text file, one caption per line")
     px.add_argument("--data", help="a split as for itmzoo eval: 'format=synthetic,split=test', a YAML mapping or file")

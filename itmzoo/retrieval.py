@@ -421,6 +421,8 @@ class Retriever:
                 "model_source": model_source or {"pretrained": "model"}, "backend": self.backend,
                 "rerank_k": self.rerank_k, "counts": {w: features_len(p["model"]) for w, p in self.features.items()},
                 "extra": extra or {}}
+        if self.first_stage is not None:
+            meta["first_stage"] = self.first_stage.registry_name
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             save_file(tensors, str(tmp / "embeddings.safetensors"))

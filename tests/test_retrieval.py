@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import itmzoo
-from itmzoo.cli import main
+from itmzoo.cli import main, parse_data_spec
 from itmzoo.config import ModelConfig
 from itmzoo.data import SYNTHETIC_VOCAB, SyntheticShapes
 from itmzoo.data.collate import PairCollate, PairDataset
@@ -285,6 +285,98 @@ def test_cli_index_folder_and_captions_file(tmp_path, capsys):
     assert main(["search", str(tmp_path / "idx"), "--image", str(tmp_path / "imgs" / "im1.npy"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert {h["caption"] for h in got["results"]} == {"a red circle", "a blue square"}
+
+
+# LHSC's transform takes BUTD's fixed 36 regions
+SPEC36 = "format=synthetic,region_dim=16,num_regions=36,num_images={test: 12},split=test"
+
+
+@pytest.fixture(scope="module")
+def cross_and_first(tmp_path_factory) -> Path:
+    """A tiny LHSC (cross) in ``lhsc/`` and a tiny toy_vse (embedding) in ``toy/``, both native directories."""
+    tmp = tmp_path_factory.mktemp("first_stage")
+    tiny("lhsc", vocab_path=SYNTHETIC_VOCAB, text_padding="masked").save_pretrained(tmp / "lhsc")
+    tiny("toy_vse", img_dim=DIM).save_pretrained(tmp / "toy")
+    return tmp
+
+
+def test_cli_index_with_a_first_stage_searches_as_the_python_retriever(cross_and_first, tmp_path, capsys):
+    from itmzoo.data import load_split
+
+    lhsc_dir, toy_dir, out = cross_and_first / "lhsc", cross_and_first / "toy", tmp_path / "idx"
+    assert main(["index", str(out), "--pretrained", str(lhsc_dir), "--first-stage-pretrained", str(toy_dir),
+                 "--rerank-k", "3", "--data", SPEC36, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "indexed 12 images, 60 captions with lhsc (cross, first stage toy_vse, rerank_k 3)" in printed
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["model_source"] == {"pretrained": str(lhsc_dir.resolve()),
+                                    "first_stage": {"pretrained": str(toy_dir.resolve())}}
+    assert meta["first_stage"] == "toy_vse" and meta["rerank_k"] == 3 and "model" not in {
+        p.name for p in out.iterdir()}  # both models are found again from their directories, not copied
+    # the same gallery in Python
+    lhsc, toy = itmzoo.load(lhsc_dir), itmzoo.load(toy_dir)
+    split = load_split(parse_data_spec(SPEC36))
+    want = Retriever.from_split(lhsc, split, first_stage=toy, rerank_k=3)
+    query = split.captions[7]
+    assert main(["search", str(out), query, "-k", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"]
+    ref = want.search_images([query], k=3).to_list()[0]
+    assert [h["index"] for h in got] == [h["index"] for h in ref] and [h["id"] for h in got] == [h["id"] for h in ref]
+    assert [h["score"] for h in got] == pytest.approx([h["score"] for h in ref], abs=1e-5)
+    # a re-ranking, not all pairs: the results are the first stage's top 3 of 12 images
+    first = Retriever.from_split(toy, split, backend="torch").search_images([query], k=3)
+    assert sorted(h["index"] for h in got) == sorted(first.indices[0].tolist())
+    # image -> captions
+    np.save(tmp_path / "q.npy", np.asarray(split.images[4]))
+    assert main(["search", str(out), "--image", str(tmp_path / "q.npy"), "-k", "3", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"]
+    ref = want.search_captions([split.images[4]], k=3).to_list()[0]
+    assert [(h["index"], h["caption"]) for h in got] == [(h["index"], h["caption"]) for h in ref]
+    assert [h["score"] for h in got] == pytest.approx([h["score"] for h in ref], abs=1e-5)
+
+
+def test_cli_index_first_stage_from_a_name_and_checkpoint(cross_and_first, tmp_path, capsys):
+    out = tmp_path / "idx"
+    assert main(["index", str(out), "--model", "lhsc", "--checkpoint", str(cross_and_first / "lhsc"),
+                 "--first-stage-model", "toy_vse", "--first-stage-checkpoint", str(cross_and_first / "toy"),
+                 "--data", SPEC36, "--quiet"]) == 0
+    src = json.loads((out / "index.json").read_text())["model_source"]
+    assert src["first_stage"] == {"name": "toy_vse", "checkpoint": str((cross_and_first / "toy").resolve()),
+                                  "overrides": {}}
+    back = Retriever.load(out)
+    assert back.first_stage.registry_name == "toy_vse" and back.rerank_k == 128  # lhsc's default: no eval rerank_k
+
+
+def test_cli_index_first_stage_errors_are_one_line(cross_and_first, tmp_path, capsys):
+    lhsc, toy = str(cross_and_first / "lhsc"), str(cross_and_first / "toy")
+    out = str(tmp_path / "idx")
+
+    def error(*args: str) -> str:
+        assert main(["index", out, *args, "--data", SPEC36, "--quiet"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("itmzoo index: error: ValueError: ")
+        return err
+
+    # a first stage for a model that ranks on its own
+    assert "--first-stage-pretrained {}: a first stage is for cross models; toy_vse scores by 'embedding'".format(
+        toy) in error("--pretrained", toy, "--first-stage-pretrained", toy)
+    # both forms, or a checkpoint without its name
+    assert "give either --first-stage-pretrained DIR or --first-stage-model NAME --first-stage-checkpoint PATH, " \
+           "not both" in error("--pretrained", lhsc, "--first-stage-pretrained", toy, "--first-stage-model", "toy_vse")
+    assert "say which model: --first-stage-pretrained DIR, or --first-stage-model NAME" in error(
+        "--pretrained", lhsc, "--first-stage-checkpoint", toy)
+    assert "--first-stage-model toy_vse needs --first-stage-checkpoint FILE" in error(
+        "--pretrained", lhsc, "--first-stage-model", "toy_vse")
+    assert "--model lhsc without --checkpoint (random weights) cannot take a first stage" in error(
+        "--model", "lhsc", "--first-stage-pretrained", toy)
+    # a first stage that is not an embedding model
+    assert f"--first-stage-pretrained {lhsc}: expected an embedding model taking regions (as lhsc does), got lhsc, " \
+           "a cross model taking regions" in error("--pretrained", lhsc, "--first-stage-pretrained", lhsc)
+    # --rerank-k where nothing is re-ranked, or not a count
+    assert "--rerank-k re-scores candidates" in error("--pretrained", lhsc, "--rerank-k", "3")
+    assert "--rerank-k: expected a positive number of candidates, got 0" in error(
+        "--pretrained", lhsc, "--first-stage-pretrained", toy, "--rerank-k", "0")
+    assert not (tmp_path / "idx").exists()  # nothing written by a refused command
 
 
 def test_cli_eval_saves_sims_and_ranks_that_give_its_metrics(tmp_path, capsys):
