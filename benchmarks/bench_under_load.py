@@ -7,7 +7,8 @@ so slow moments of a shared machine hit both. Reported per path: medians over ro
 condition; the 1-minute load average is recorded at every measurement.
 
     python benchmarks/bench_under_load.py [--rounds 3] [--paths recall,embed_sim,...] [--n 2000]
-        [--window 30] [--esa-upstream DIR] [--lhsc-upstream DIR] [--scta-upstream DIR] [--json out.json]
+        [--window 30] [--esa-upstream DIR] [--lhsc-upstream DIR] [--scta-upstream DIR] [--esl-upstream DIR]
+        [--json out.json]
 
 Hot paths and their references (same inputs, same process, same thread settings):
 
@@ -22,6 +23,10 @@ Hot paths and their references (same inputs, same process, same thread settings)
   whose draws keep the 256 x 256 blocks in order; the pair tiles inside a block are shared) over
   48 x 32 encoded pairs, vs the authors' ``CrossSparseAggrNet_v2`` block by block (only with
   ``--scta-upstream``, an ``ICME2025ITR/SCTA`` checkout; benchmarks/bench_scta_similarity.py).
+* ``esl_sim``: ESL's adaptive head (512-d, 36 regions) scoring 64 x 320 encoded pairs with
+  `esl_cross_scores`, vs the authors' ``Sim_vec`` on the same block (only with ``--esl-upstream``, a
+  ``CrossmodalGroup/ESL`` checkout; benchmarks/bench_esl_similarity.py; the authors' side also computes
+  the levels, as its forward does).
 * ``esa_encode``: `encode_split` of the ESA demo model (configs/esa_demo_synthetic.yaml) on 200
   images and 1,000 captions, vs the same batches encoded one after another with torch's own threads
   (the loop of the authors' ``encode_data``, with itmzoo's encoders).
@@ -141,6 +146,40 @@ def _scta_sim(upstream: Path, n_images: int = 48, n_captions: int = 32) -> tuple
     return _plain(ours), _plain(lambda: S.upstream_scores(net, img, cap, lens, block[0]))
 
 
+def _esl_sim(upstream: Path, n_images: int = 64, n_captions: int = 320) -> tuple[Timed, Timed]:
+    """ESL's adaptive head (512-d, 36 regions) on encoded levels vs the authors' ``Sim_vec`` on the same block."""
+    import bench_esl_similarity as E
+
+    from itmzoo.models.esl import AdaptiveLevels, ESLConfig, ESLHead, _map_sim_key, esl_cross_scores
+
+    vse = E.load_upstream(upstream.resolve(), heuristic=False)  # patches Tensor.cuda / int linspace (CPU, torch 1.8)
+    torch.manual_seed(0)
+    ref = vse.Sim_vec(512, argparse.Namespace(embed_size=512, kernel_size=2)).eval()
+    img_lv, txt_lv, head = AdaptiveLevels(512), AdaptiveLevels(512), ESLHead(512, heuristic=False)
+    ours = torch.nn.ModuleDict({"img_levels": img_lv, "txt_levels": txt_lv, "head": head}).eval()
+    ours.load_state_dict({_map_sim_key(k): v for k, v in ref.state_dict().items()}, strict=True)
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(n_images, 36, 512, generator=g), dim=-1)
+    lens = torch.randint(10, 19, (n_captions,), generator=g)
+    mask = torch.arange(int(lens.max()))[None] < lens[:, None]
+    cap = torch.nn.functional.normalize(torch.randn(n_captions, int(lens.max()), 512, generator=g), dim=-1)
+    cap = cap * mask[..., None]
+    with torch.no_grad():  # what evaluation scores per block: levels from encode_*, once per item
+        v = img_lv(img, normalized_chain=True)
+        x = head.fold(txt_lv(cap, normalized_chain=False) * mask[..., None])
+        smooth = head.smooth().item()
+
+    @torch.no_grad()
+    def scores() -> None:
+        esl_cross_scores(x, mask, v, None, smooth, ESLConfig.sim_chunk_elems)
+
+    @torch.no_grad()
+    def authors() -> None:
+        ref(img, cap, lens.tolist(), False)
+
+    return _plain(scores), _plain(authors)
+
+
 def _esa_encode() -> tuple[Timed, Timed]:
     import yaml
 
@@ -224,7 +263,7 @@ def _time(fn: Timed, cond: str) -> float:
     return time.perf_counter() - t
 
 
-PATHS = "recall,embed_sim,lhsc_sim,esa_encode,esa_step,lhsc_step,esa_step_fixed,lhsc_step_fixed"  # + scta_sim
+PATHS = "recall,embed_sim,lhsc_sim,esa_encode,esa_step,lhsc_step,esa_step_fixed,lhsc_step_fixed"  # + scta_sim, esl_sim
 
 
 def main() -> None:
@@ -236,21 +275,24 @@ def main() -> None:
     ap.add_argument("--esa-upstream", type=Path, default=None, help="KevinLight831/ESA checkout (step reference)")
     ap.add_argument("--lhsc-upstream", type=Path, default=None, help="lDarryll/LHSC checkout (references)")
     ap.add_argument("--scta-upstream", type=Path, default=None, help="ICME2025ITR/SCTA checkout (scta_sim)")
+    ap.add_argument("--esl-upstream", type=Path, default=None, help="CrossmodalGroup/ESL checkout (esl_sim)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     esa_cfg, lhsc_cfg = "configs/esa_demo_synthetic.yaml", "configs/lhsc_demo_synthetic.yaml"
     w = args.window
     makers = {"recall": lambda: _recall(args.n), "embed_sim": lambda: _embed_sim(args.n),
               "lhsc_sim": lambda: _lhsc_sim(args.lhsc_upstream), "esa_encode": _esa_encode,
-              "scta_sim": lambda: _scta_sim(args.scta_upstream),
+              "scta_sim": lambda: _scta_sim(args.scta_upstream), "esl_sim": lambda: _esl_sim(args.esl_upstream),
               "esa_step": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, True),
               "lhsc_step": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, True),
               "esa_step_fixed": lambda: _steps(esa_cfg, U.esa_step, args.esa_upstream, w, False),
               "lhsc_step_fixed": lambda: _steps(lhsc_cfg, U.lhsc_step, args.lhsc_upstream, w, False)}
     units = {name: (w if "_step" in name else 1) for name in makers}  # times are reported per step
     names = [p for p in args.paths.split(",") if p]
-    if "scta_sim" in names and args.scta_upstream is None:
-        raise SystemExit("--paths scta_sim needs --scta-upstream DIR (its reference is the authors' cross-net)")
+    for path, flag, given in (("scta_sim", "--scta-upstream", args.scta_upstream), ("esl_sim", "--esl-upstream",
+                                                                                   args.esl_upstream)):
+        if path in names and given is None:
+            raise SystemExit(f"--paths {path} needs {flag} DIR (its reference is the authors' code)")
     unknown = sorted(set(names) - set(makers))
     if unknown:
         raise SystemExit(f"--paths: unknown {unknown}; expected some of {sorted(makers)}")
@@ -270,7 +312,7 @@ def main() -> None:
     times: dict[tuple[str, str, str], list[float]] = {}
     loads: dict[str, list[float]] = {"free": [], "busy": []}
     refs = {"esa": args.esa_upstream is not None, "lhsc": args.lhsc_upstream is not None,
-            "scta": args.scta_upstream is not None}
+            "scta": args.scta_upstream is not None, "esl": args.esl_upstream is not None}
     print(f"torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, authors' code as reference: "
           f"{', '.join(k for k, v in refs.items() if v) or 'none'}", flush=True)
