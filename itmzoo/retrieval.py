@@ -27,12 +27,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .eval.similarity import encode_batches
+from .eval.options import DEFAULT_BLOCK, DEFAULT_RERANK_K, EvalOptions
+from .eval.similarity import encode_batches, similarity_matrix
 from .features import Features, features_len
 
 __all__ = ["Retriever", "SearchResult", "encode_captions", "encode_images", "faiss_available", "prepare_image"]
 
-DEFAULT_BATCH = 128
+DEFAULT_BATCH = EvalOptions.batch_size  # the evaluator's default, so search encodes as evaluation does
 INDEX_FORMAT = "itmzoo-index-1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -236,7 +237,7 @@ class Retriever:
         self.model, self.first_stage = model, first_stage
         self.backend = ("faiss" if backend == "auto" and _is_plain_product(model) and faiss_available()
                         else "torch" if backend == "auto" else backend)
-        self.rerank_k = rerank_k or model.eval_settings().rerank_k or 128
+        self.rerank_k = rerank_k or model.eval_settings().rerank_k or DEFAULT_RERANK_K
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self._faiss: dict[str, Any] = {}
         if _features is not None:  # from load()
@@ -321,9 +322,6 @@ class Retriever:
 
     def _scores(self, model: Any, img: Features, txt: Features, direction: str) -> torch.Tensor:
         """All first-stage (or single-stage) scores ``[n_queries, n_gallery]``."""
-        from .eval.options import DEFAULT_BLOCK
-        from .eval.similarity import similarity_matrix
-
         block = model.eval_settings().block or DEFAULT_BLOCK
         device = torch.device(self.device) if self.device is not None else model.device
         s = similarity_matrix(model, img, txt, block=block, device=device, progress=False)
@@ -372,7 +370,7 @@ class Retriever:
         from .eval.rerank import _query_batches, score_candidates
 
         device = torch.device(self.device) if self.device is not None else self.model.device
-        queries = _query_batches(cand.shape[0], cand.shape[1], 4096)
+        queries = _query_batches(cand.shape[0], cand.shape[1], EvalOptions.pair_batch_size)
         was_training = self.model.training
         self.model.eval()
         try:
