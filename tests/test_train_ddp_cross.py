@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from test_models_generic import tiny_model, tiny_split, train_batch
 
 from itmzoo.data import SYNTHETIC_WORDPIECE
+from itmzoo.train import fit
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -52,6 +53,12 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             torch.save({"loss": out["loss"].detach(), "batch": batch,
                         "grads": {k: p.grad for k, p in model.named_parameters() if p.grad is not None}},
                        f"{tmp}/{name}{rank}.pt")
+        # a model with weights that are dead by design (ESA: a BatchNorm and BERT's pooler, declared in
+        # unused_parameters) trains several DDP steps with the default train settings
+        esa = tiny_model("esa_bert", SYNTHETIC_WORDPIECE)
+        result = fit(esa, tiny_split(esa, 8), {"epochs": 1, "batch_size": 4, "max_steps": 3, "progress": False})
+        torch.save({"steps": result.steps, "params": {k: p.detach() for k, p in esa.named_parameters()}},
+                   f"{tmp}/esa{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -80,3 +87,10 @@ def test_cross_model_loss_and_gradients_equal_single_process(ddp_run, name):
         for k, g in grads.items():  # sums over other splits of the batch: rounding relative to the largest entry
             atol = 1e-6 * max(1.0, float(g.abs().max()))
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-4, atol=atol, msg=f"{name}: {k}")
+
+
+def test_declared_dead_weights_do_not_stop_ddp_training(ddp_run):
+    ranks = [torch.load(ddp_run / f"esa{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["steps"] for r in ranks] == [3, 3]
+    for k, v in ranks[0]["params"].items():  # gradients were averaged: the ranks hold the same weights
+        assert torch.equal(v, ranks[1]["params"][k]), k

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import math
 import os
 import sys
@@ -26,7 +27,7 @@ from ..data.split import RetrievalSplit
 from ..eval.options import EvalOptions, eval_options
 from ..eval.similarity import autocast_context
 from ..features import cat_features, features_to
-from ..models.base import ACCUMULATION_POLICIES
+from ..models.base import ACCUMULATION_POLICIES, ITMModel
 from .checkpoint import capture_rng, find_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .cpu_threads import plan_cpu_threads
@@ -105,6 +106,12 @@ def _batch_len(batch: Mapping[str, Any]) -> int:
         if isinstance(v, torch.Tensor):
             return v.shape[0]
     raise ValueError("empty batch")
+
+
+def _declared_dead(model: torch.nn.Module) -> list[str]:
+    """Names of trainable parameters that match the model's ``unused_parameters`` globs."""
+    globs = type(model).unused_parameters if isinstance(model, ITMModel) else ()
+    return [n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, g) for g in globs)]
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -240,8 +247,14 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            # weights the model declares dead by design never get a gradient: DDP must look for them
+            # every step, or its second step fails waiting for their reduction
+            dead = _declared_dead(model)
+            if dead and not cfg.find_unused_parameters and self.main and self.verbose:
+                print(f"train: DDP with find_unused_parameters (the model declares {len(dead)} weights that get no "
+                      f"gradient by design, e.g. {dead[0]})")
             self.ddp = DDP(self.step_module, device_ids=[device.index] if device.type == "cuda" else None,
-                           find_unused_parameters=cfg.find_unused_parameters)
+                           find_unused_parameters=cfg.find_unused_parameters or bool(dead))
             self.step_module = self.ddp
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
