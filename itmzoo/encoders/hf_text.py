@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import random as _random
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
 
-__all__ = ["HFTextError", "WordPieceSplitter", "augment_word_pieces", "build_hf_text_model", "encode_word_pieces",
-           "load_hf_tokenizer"]
+__all__ = ["HFTextError", "WordPieceSplitter", "WordPieceTokenizer", "augment_word_pieces", "build_hf_text_model",
+           "encode_word_pieces", "load_hf_tokenizer"]
 
 
 class HFTextError(RuntimeError):
@@ -110,3 +112,59 @@ def augment_word_pieces(splitter: WordPieceSplitter, caption: str, rng: Any, pro
 def encode_word_pieces(splitter: WordPieceSplitter, caption: str) -> list[int]:
     """``[CLS] + every word's pieces + [SEP]`` (no truncation), as the BERT-based methods tokenise."""
     return [splitter.cls_id, *(i for word in splitter(caption) for i in word), splitter.sep_id]
+
+
+class WordPieceTokenizer:
+    """``tokenizer(captions, train=False, rng=None)``: BERT ids ``[CLS] pieces [SEP]`` (no truncation),
+    right-padded (``input_ids``, ``attention_mask``, ``lengths``); with `augment`, training captions get
+    the whole-word augmentation of `augment_word_pieces` (draws from `rng`, a ``random.Random``, or
+    Python's global ``random``, which the loader seeds per worker).
+
+    `source` is a loaded fast tokenizer, or a folder / hub id loaded on first use. With
+    `no_special_random`, random replacements never draw a bracketed special token (``[PAD]``, ...).
+    """
+
+    def __init__(self, source: Any, augment: bool = True, aug_prob: float = 0.2,
+                 no_special_random: bool = False) -> None:
+        self.source, self.augment_train, self.aug_prob = source, augment, aug_prob
+        self.no_special_random = no_special_random
+        self._splitter: WordPieceSplitter | None = None
+        self._random_ids: list[int] | None = None
+
+    @property
+    def splitter(self) -> WordPieceSplitter:
+        if self._splitter is None:
+            hf = load_hf_tokenizer(self.source) if isinstance(self.source, str) else self.source
+            self._splitter = WordPieceSplitter(hf)
+        return self._splitter
+
+    @property
+    def pad_id(self) -> int:
+        return self.splitter.pad_id
+
+    @property
+    def random_ids(self) -> list[int]:
+        """The ids a random replacement draws from, in vocabulary order."""
+        if self._random_ids is None:
+            ids = self.splitter.ids_in_vocab_order
+            if self.no_special_random:
+                inv = {i: t for t, i in self.splitter.tokenizer.get_vocab().items()}
+                ids = [i for i in ids if not re.fullmatch(r"\[.*\]", inv[i])]
+            self._random_ids = ids
+        return self._random_ids
+
+    def encode(self, caption: str) -> list[int]:
+        return encode_word_pieces(self.splitter, caption)
+
+    def augment(self, caption: str, rng: Any) -> list[int]:
+        return augment_word_pieces(self.splitter, caption, rng, self.aug_prob, self.random_ids)
+
+    def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
+        from ..data.vocab import pad_ids
+
+        if isinstance(captions, str):
+            captions = [captions]
+        if train and self.augment_train:
+            rng = _random if rng is None else rng
+            return pad_ids([self.augment(c, rng) for c in captions], self.pad_id)
+        return pad_ids([self.encode(c) for c in captions], self.pad_id)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random as _random
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -49,15 +48,8 @@ from torch import nn
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.transforms import RegionTransform
-from ..data.vocab import pad_ids
 from ..encoders.backbones import load_pretrained_weights
-from ..encoders.hf_text import (
-    WordPieceSplitter,
-    augment_word_pieces,
-    build_hf_text_model,
-    encode_word_pieces,
-    load_hf_tokenizer,
-)
+from ..encoders.hf_text import WordPieceTokenizer, build_hf_text_model, load_hf_tokenizer
 from ..encoders.regions import RegionFeatureEncoder, region_mask
 from ..features import sequence_mask
 from ..losses import contrastive_loss, hinge_triplet_loss, l2norm, positive_mask
@@ -418,7 +410,7 @@ def _pair_scores_fast(words, word_mask, regions, region_mask, smooth) -> torch.T
 # ------------------------------------------------------------------------------------------- tokenizer
 
 
-class ESLBertTokenizer:
+class ESLBertTokenizer(WordPieceTokenizer):
     """BERT basic + WordPiece tokens, ``[CLS] ... [SEP]``, no truncation; training adds word augmentation.
 
     Upstream ``process_caption``: each basic word, with probability `aug_prob`, has its pieces all
@@ -429,28 +421,7 @@ class ESLBertTokenizer:
     """
 
     def __init__(self, hf_tokenizer: Any, aug_prob: float = 0.2, no_special_random: bool = False) -> None:
-        self.splitter = WordPieceSplitter(hf_tokenizer)
-        self.aug_prob = aug_prob
-        self.pad_id = self.splitter.pad_id
-        ids = self.splitter.ids_in_vocab_order
-        if no_special_random:
-            inv = {i: t for t, i in hf_tokenizer.get_vocab().items()}
-            ids = [i for i in ids if not re.fullmatch(r"\[.*\]", inv[i])]
-        self.random_ids = ids
-
-    def encode(self, caption: str) -> list[int]:
-        return encode_word_pieces(self.splitter, caption)
-
-    def augment(self, caption: str, rng: Any) -> list[int]:
-        return augment_word_pieces(self.splitter, caption, rng, self.aug_prob, self.random_ids)
-
-    def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
-        if isinstance(captions, str):
-            captions = [captions]
-        if train and self.aug_prob > 0:
-            rng = _random if rng is None else rng
-            return pad_ids([self.augment(c, rng) for c in captions], self.pad_id)
-        return pad_ids([self.encode(c) for c in captions], self.pad_id)
+        super().__init__(hf_tokenizer, augment=aug_prob > 0, aug_prob=aug_prob, no_special_random=no_special_random)
 
 
 # ----------------------------------------------------------------------------------------------- model

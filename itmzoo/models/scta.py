@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import random as _random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -48,15 +47,8 @@ from torch import nn
 from ..checkpoints.safe import CheckpointError, strip_prefixes
 from ..config import ConfigError, ModelConfig
 from ..data.synthetic import SYNTHETIC_WORDPIECE
-from ..data.vocab import pad_ids
 from ..encoders.backbones import ARCHITECTURES, load_pretrained_weights
-from ..encoders.hf_text import (
-    WordPieceSplitter,
-    augment_word_pieces,
-    build_hf_text_model,
-    encode_word_pieces,
-    load_hf_tokenizer,
-)
+from ..encoders.hf_text import WordPieceTokenizer, build_hf_text_model
 from ..encoders.vit import VIT_ARCH, build_vit, vit_state_for
 from ..features import sequence_mask
 from ..losses import hinge_triplet_loss, positive_mask
@@ -231,31 +223,11 @@ def _is_square(n: int) -> bool:
 # tokenizer
 
 
-class SCTATokenizer:
+class SCTATokenizer(WordPieceTokenizer):
     """BERT uncased ids ``[CLS] pieces [SEP]`` (no truncation); training copies get upstream's size augmentation."""
 
     def __init__(self, source: str, size_augment: bool = True, aug_prob: float = 0.2) -> None:
-        self.source, self.size_augment, self.aug_prob = source, size_augment, aug_prob
-        self._splitter: WordPieceSplitter | None = None
-
-    @property
-    def splitter(self) -> WordPieceSplitter:
-        if self._splitter is None:
-            self._splitter = WordPieceSplitter(load_hf_tokenizer(self.source))
-        return self._splitter
-
-    def encode(self, caption: str) -> list[int]:
-        return encode_word_pieces(self.splitter, caption)
-
-    def __call__(self, captions: Sequence[str], train: bool = False, rng: Any = None) -> dict[str, torch.Tensor]:
-        if isinstance(captions, str):
-            captions = [captions]
-        if train and self.size_augment:
-            rng = _random if rng is None else rng
-            seqs = [augment_word_pieces(self.splitter, c, rng, self.aug_prob) for c in captions]
-        else:
-            seqs = [self.encode(c) for c in captions]
-        return pad_ids(seqs, self.splitter.pad_id)
+        super().__init__(source, augment=size_augment, aug_prob=aug_prob)
 
 
 # ---------------------------------------------------------------------------------------------------
