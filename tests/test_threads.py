@@ -167,7 +167,8 @@ def test_thread_plan_respects_explicit_choices(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_training_logs_its_thread_choices_and_restores_the_count(two_threads, tmp_path):
+def test_training_logs_its_thread_choices_and_restores_the_count(two_threads, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # an explicit count would fix the threads
     ds = SyntheticShapes({"train": 48, "dev": 12}, region_dim=24, num_regions=5)
     torch.manual_seed(0)
     model = itmzoo.build("toy_vse", img_dim=24, embed_size=16, word_dim=16, hash_buckets=97)
@@ -195,6 +196,9 @@ def test_batches_encoded_on_threads_come_back_in_loader_order(two_threads):
     images, captions = eval_loaders(split, model, batch_size=7)
     for fn, loader in ((model.encode_image, images), (model.encode_text, captions)):
         runs = [encode_batches(fn, loader, torch.device("cpu"), num_threads=n) for n in (1, 2, 3)]
+        # batches from a plain iterator (no length) are shared the same way
+        unsized = encode_batches(fn, (b for b in loader), torch.device("cpu"), num_threads=2)
         for k in runs[0]:
             torch.testing.assert_close(runs[1][k], runs[0][k], rtol=0, atol=1e-6)
             assert torch.equal(runs[1][k], runs[2][k])  # each batch is encoded by one thread, whichever
+            assert torch.equal(unsized[k], runs[1][k])

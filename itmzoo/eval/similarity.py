@@ -36,35 +36,32 @@ def encode_batches(fn: Any, loader: Iterable, device: torch.device, amp: str | N
     from the loader and encode it with one torch thread (`itmzoo.threads`); the features come back
     in loader order, each batch encoded as a one-thread run encodes it.
     """
-    n = len(loader) if hasattr(loader, "__len__") else 0
-    threads = block_threads(n, num_threads) if device.type == "cpu" else 1
+    n = len(loader) if hasattr(loader, "__len__") else None
+    # no more threads than batches; an iterator without a length may have any number
+    threads = block_threads(n if n is not None else 1 << 30, num_threads) if device.type == "cpu" else 1
     batches = enumerate(loader)
-    parts: list[Features | None] = [None] * n
+    parts: dict[int, Features] = {}
     lock = threading.Lock()
-    bar = tqdm(total=n or None, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
 
-    def work(_: int, _state: None) -> None:
-        with lock:
-            k, batch = next(batches)
-        with autocast_context(device, amp):
-            feats = fn(features_to(batch, device))
-        parts[k] = features_to(feats, keep_on, torch.float32)
-        with lock:
-            bar.update(1)
+    def drain(_: int, _state: None) -> None:  # each thread encodes the next batch until none is left
+        while True:
+            with lock:
+                item = next(batches, None)
+            if item is None:
+                return
+            k, batch = item
+            with autocast_context(device, amp):
+                feats = fn(features_to(batch, device))
+            parts[k] = features_to(feats, keep_on, torch.float32)
+            with lock:
+                bar.update(1)
 
     try:
-        if threads > 1:
-            run_blocks(range(n), work, threads)
-        else:
-            parts = []
-            for batch in loader:
-                with autocast_context(device, amp):
-                    feats = fn(features_to(batch, device))
-                parts.append(features_to(feats, keep_on, torch.float32))
-                bar.update(1)
+        run_blocks(range(threads), drain, threads)  # one thread: in order, with the caller's settings
     finally:
         bar.close()
-    return cat_features(parts)
+    return cat_features([parts[k] for k in range(len(parts))])
 
 
 def _shard(n_items: int, batch_size: int, rank: int, world: int) -> range:
