@@ -99,15 +99,10 @@ def _embed_sim(n: int) -> tuple[Timed, Timed]:
 def _lhsc_sim(upstream: Path | None) -> tuple[Timed, Timed]:
     torch.manual_seed(0)
     model = itmzoo.build("lhsc").eval()
-    g = torch.Generator().manual_seed(0)  # upstream_reference.lhsc_sim draws the same inputs
     ni, nc = 40, 200
-    lengths = torch.randint(8, 23, (nc,), generator=g)
-    L = int(lengths.max())
-    mask = torch.arange(L)[None] < lengths[:, None]
+    regions, tok, lengths, mask = U.lhsc_sim_inputs(ni, nc)  # the inputs of the authors' side too
     with torch.no_grad():
-        img = {"regions": torch.nn.functional.normalize(torch.randn(ni, 36, 1024, generator=g), dim=-1)}
-        img["global"] = model.sim_enc.v_global_w(img["regions"])
-        tok = torch.nn.functional.normalize(torch.randn(nc, L, 1024, generator=g), dim=-1) * mask[..., None]
+        img = {"regions": regions, "global": model.sim_enc.v_global_w(regions)}
         txt = {"tokens": tok, "mask": mask, "global": model.sim_enc.t_global_w(tok, mask)}
 
     def ours() -> None:

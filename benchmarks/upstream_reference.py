@@ -47,7 +47,7 @@ import torch
 
 import itmzoo
 
-__all__ = ["esa_step", "lhsc_sim", "lhsc_step"]
+__all__ = ["esa_step", "lhsc_sim", "lhsc_sim_inputs", "lhsc_step"]
 
 ROOT = Path(__file__).resolve().parents[1]
 Timed = Callable[[], None]
@@ -100,6 +100,19 @@ def _lhsc_upstream(upstream: Path) -> types.SimpleNamespace:
 
 
 # ------------------------------------------------------------------------------------------ inputs
+
+
+def lhsc_sim_inputs(n_images: int, n_captions: int, num_regions: int = 36, embed: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encoded LHSC features of the scoring benchmarks (the same draws for itmzoo and the authors):
+    l2-normalised regions ``[n_images, R, D]``, caption tokens ``[n_captions, L, D]`` (zero past each
+    length), the lengths (8..22) and the token mask."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 23, (n_captions,), generator=g)
+    mask = torch.arange(int(lengths.max()))[None] < lengths[:, None]
+    regions = torch.nn.functional.normalize(torch.randn(n_images, num_regions, embed, generator=g), dim=-1)
+    tokens = torch.nn.functional.normalize(torch.randn(n_captions, mask.shape[1], embed, generator=g), dim=-1)
+    return regions, tokens * mask[..., None], lengths, mask
 
 
 def _demo_batch(config: str) -> tuple[dict, Any, list[str], torch.Tensor]:
@@ -230,14 +243,7 @@ def _lhsc_scores(upstream: Path, n_images: int, n_captions: int, shard_size: int
     torch.manual_seed(0)
     lhsc = up.model.LHSC(opt)
     lhsc.val_start()
-    # bench_under_load's _lhsc_sim draws, in the same order from the same generator
-    g = torch.Generator().manual_seed(0)
-    ni, nc = n_images, n_captions
-    lengths = torch.randint(8, 23, (nc,), generator=g)
-    L = int(lengths.max())
-    mask = torch.arange(L)[None] < lengths[:, None]
-    regions = torch.nn.functional.normalize(torch.randn(ni, c.num_regions, c.embed_size, generator=g), dim=-1)
-    tokens = torch.nn.functional.normalize(torch.randn(nc, L, c.embed_size, generator=g), dim=-1) * mask[..., None]
+    regions, tokens, lengths, _mask = lhsc_sim_inputs(n_images, n_captions, c.num_regions, c.embed_size)
     # what encode_data hands to shard_attn_scores: numpy embeddings and a list of caption lengths
     img_embs, cap_embs, cap_lens = regions.numpy(), tokens.numpy(), lengths.tolist()
 
@@ -295,7 +301,7 @@ def lhsc_sim(upstream: Path, n_images: int = 40, n_captions: int = 200, shard_si
 
     ``evaluation.shard_attn_scores`` (``shard_size`` 100, as evalrank and train.py call it) on random
     l2-normalised regions ``[n_images, 36, 1024]`` and caption tokens (lengths 8..22, zero past each
-    length), drawn as bench_under_load's ``_lhsc_sim`` draws them; eval mode, ``torch.no_grad``, random
+    length) from `lhsc_sim_inputs`, the inputs of itmzoo's side too; eval mode, ``torch.no_grad``, random
     weights after ``torch.manual_seed(0)``. Unlike itmzoo's side there, the VisualSA/TextSA global vectors
     are computed inside the timed call (the authors' forward does that per shard and per caption).
     """
