@@ -123,23 +123,23 @@ def drive(tuner: ThreadTuner, seconds_at, steps: int) -> list[int]:
 def test_tuner_keeps_the_faster_count_and_follows_a_change_of_load():
     choices = []
     tuner = ThreadTuner(2, probe_steps=3, first_interval=10, warmup_steps=2,
-                        on_choice=lambda n, med: choices.append((n, med)))
+                        on_choice=lambda n, med, changed: choices.append((n, med, changed)))
     assert candidate_counts(2) == [2, 1] and candidate_counts(12) == [12, 6, 3, 1]
     free = {2: 0.10, 1: 0.14}   # a machine of its own: 2 threads win
     busy = {2: 0.40, 1: 0.15}   # another process holds a core: 1 thread wins
     used = drive(tuner, lambda n, i: free[n], 8)
     assert used == [2, 2, 2, 1, 2, 1, 2, 1]  # warm-up, then interleaved probes
-    assert choices == [(2, {2: 0.10, 1: 0.14})] and tuner.threads == 2
+    assert choices == [(2, {2: 0.10, 1: 0.14}, True)] and tuner.threads == 2  # the first choice is news
     assert set(drive(tuner, lambda n, i: free[n], 5)) == {2}  # no probe before the interval
     # the load arrives: once the median of the last 3 steps is 4x the measured time, a probe starts at
     # once (not at the interval) and picks 1 thread
     used = drive(tuner, lambda n, i: busy[n], 2 + 6 + 5)
     assert used[:2] == [2, 2] and sorted(used[2:8]) == [1, 1, 1, 2, 2, 2] and set(used[8:]) == {1}
-    assert choices[-1][0] == 1 and tuner.threads == 1
+    assert choices[-1][0] == 1 and choices[-1][2] and tuner.threads == 1
     # the same answer again doubles the interval between probes
     before = tuner.interval
     drive(tuner, lambda n, i: busy[n], tuner.interval - 5 + 6)
-    assert tuner.threads == 1 and tuner.interval == 2 * before
+    assert tuner.threads == 1 and tuner.interval == 2 * before and choices[-1][2] is False  # no news
 
 
 def test_thread_plan_respects_explicit_choices(monkeypatch):

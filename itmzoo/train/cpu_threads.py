@@ -92,13 +92,14 @@ class ThreadTuner:
     """Chooses the thread count of each training step from the times of earlier steps.
 
     Use: ``n = tuner.next_threads()`` before a step (and ``torch.set_num_threads(n)``), then
-    ``tuner.record(seconds)`` after it. `on_choice(threads, medians)` is called whenever a probe
-    ends, with the median step time of every candidate it measured.
+    ``tuner.record(seconds)`` after it. `on_choice(threads, medians, changed)` is called whenever a
+    probe ends, with the median step time of every candidate it measured and whether the count differs
+    from the one before (always true for the first probe).
     """
 
     def __init__(self, max_threads: int, probe_steps: int = 3, first_interval: int = 24,
                  max_interval: int = 384, warmup_steps: int = 2, slack: float = 1.5,
-                 on_choice: Callable[[int, dict[int, float]], None] | None = None) -> None:
+                 on_choice: Callable[[int, dict[int, float], bool], None] | None = None) -> None:
         if probe_steps < 1 or first_interval < 1 or warmup_steps < 0 or slack <= 1:
             raise ValueError("ThreadTuner needs probe_steps >= 1, first_interval >= 1, warmup_steps >= 0, slack > 1")
         self.candidates = candidate_counts(max_threads)
@@ -157,6 +158,7 @@ class ThreadTuner:
     def _choose(self) -> None:
         medians = {c: statistics.median(v) for c, v in self._samples.items() if v}
         best = min(medians, key=lambda c: (medians[c], -c))
+        changed = not self.probes or best != self.threads
         if self.probes:
             # the same answer again: check less often; a new one: the load changed, check soon
             self.interval = min(self.max_interval, 2 * self.interval) if best == self.threads else self.first_interval
@@ -165,4 +167,4 @@ class ThreadTuner:
         self._since_probe = 0
         self._recent.clear()
         if self.on_choice is not None:
-            self.on_choice(best, medians)
+            self.on_choice(best, medians, changed)

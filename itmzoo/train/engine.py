@@ -243,7 +243,6 @@ class Trainer:
         self.step_module: torch.nn.Module = _StepModule(model)
         self.ddp = None
         self.tuner = None
-        self._threads_said: int | None = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -633,10 +632,8 @@ class Trainer:
             torch.set_num_threads(step_threads)
         return out
 
-    def _threads_chosen(self, threads: int, medians: dict[int, float]) -> None:
-        """The tuner's choice after a probe: logged, and said when it changes."""
-        changed = threads != self._threads_said
-        self._threads_said = threads
+    def _threads_chosen(self, threads: int, medians: dict[int, float], changed: bool) -> None:
+        """The tuner's choice after a probe: logged, and said when it changes (or is the first)."""
         self.log.write({"type": "cpu_threads", "step": self.step, "threads": threads,
                         "step_seconds": {str(c): m for c, m in sorted(medians.items())}, "time": time.time()})
         if changed and self.main and self.verbose:
