@@ -231,5 +231,9 @@ def test_fold_ranks_rank_each_fold_within_itself_and_each_direction_on_its_matri
         sub = c2i[caps] - 2 * k
         assert torch.equal(f.i2t, retrieval_ranks(a[blocks[k]], sub)[0])
         assert torch.equal(f.t2i, retrieval_ranks(b[blocks[k]], sub)[1])
+    cut = fold_ranks(a, split, "5fold")  # a full matrix is cut into the folds, as metrics_from_sims cuts it
+    assert [c.first_image for c in cut] == [0, 2, 4, 6, 8]
+    for k, c in enumerate(cut):
+        assert torch.equal(c.i2t, retrieval_ranks(a[blocks[k]], c2i[blocks[k][1]] - 2 * k)[0])
     whole = fold_ranks(a, split, "full")[0]  # one matrix serves both directions
     assert torch.equal(whole.i2t, retrieval_ranks(a, c2i)[0]) and torch.equal(whole.t2i, retrieval_ranks(a, c2i)[1])

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .protocols import FoldRanks, direction_matrices, fold_ranks, protocol_folds
+from .protocols import FoldRanks, _per_fold, direction_matrices, fold_ranks
 from .report import chance_metrics
 
 __all__ = ["recall_curves", "write_report"]
@@ -134,8 +134,8 @@ def _image_cell(thumbs: _Thumbs, split: Any, i: int, css: str, score: float | No
 
 
 def _examples(sims: Any, split: Any, protocol: str, thumbs: _Thumbs, n: int, k: int = 5) -> str:
-    (f_img, caps), (i2t, t2i) = (protocol_folds(protocol, split.caption_to_image, split.num_images)[0],
-                                 direction_matrices(sims)[0])
+    folds, fold_sims, _ = _per_fold(sims, np.asarray(split.caption_to_image), protocol)
+    (f_img, caps), (i2t, t2i) = folds[0], direction_matrices(fold_sims[:1])[0]  # the first fold's examples
     start = f_img.start
     c2i = np.asarray(split.caption_to_image)
     n_img = i2t.shape[0]

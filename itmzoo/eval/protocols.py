@@ -70,10 +70,12 @@ class FoldRanks:
 
 
 def fold_ranks(sims: Any, split: Any, protocol: str = "full") -> list[FoldRanks]:
-    """The ranks behind the metrics of ``evaluate(..., return_sims=True)``, per fold of `protocol`."""
+    """The ranks behind the metrics of ``evaluate(..., return_sims=True)``, per fold of `protocol`
+    (`sims`: a full matrix, which is cut into the folds, or the list of per-fold matrices)."""
     c2i = np.asarray(split.caption_to_image)
+    folds, fold_sims, _ = _per_fold(sims, c2i, protocol)
     out = []
-    for (f_img, caps), (i2t, t2i) in zip(protocol_folds(protocol, c2i, split.num_images), direction_matrices(sims)):
+    for (f_img, caps), (i2t, t2i) in zip(folds, direction_matrices(fold_sims)):
         sub = c2i[caps] - f_img.start
         out.append(FoldRanks(f_img.start, caps, retrieval_ranks(i2t, sub)[0], retrieval_ranks(t2i, sub)[1]))
     return out
@@ -89,6 +91,20 @@ def _slice_fold(S: Any, f_img: slice, caps: np.ndarray) -> Any:
     return S[f_img][:, torch.as_tensor(caps)]
 
 
+def _per_fold(sims: Any, c2i: np.ndarray, protocol: str) -> tuple[list[tuple[slice, np.ndarray]], list[Any], int]:
+    """The protocol's folds, each fold's scores (a matrix or a `DirectionalScores`) and the number of
+    images, from a full matrix (cut into folds here) or from the list of per-fold matrices."""
+    if isinstance(sims, (list, tuple)):
+        n_images = sum(s.shape[0] for s in sims)
+        return protocol_folds(protocol, c2i, n_images), list(sims), n_images
+    n_images = sims.shape[0]
+    folds = protocol_folds(protocol, c2i, n_images)
+    S = torch.as_tensor(np.asarray(sims)) if isinstance(sims, np.ndarray) else sims
+    if len(folds) == 1:
+        return folds, [S], n_images
+    return folds, [_slice_fold(S, f_img, caps) for f_img, caps in folds], n_images
+
+
 def metrics_from_sims(sims: Any, caption_to_image: np.ndarray, protocol: str = "full",
                       tie_mode: TieMode = "optimistic") -> dict[str, Any]:
     """Metrics of a full score matrix (or of the list of per-fold matrices) under `protocol`.
@@ -97,15 +113,7 @@ def metrics_from_sims(sims: Any, caption_to_image: np.ndarray, protocol: str = "
     """
     c2i = np.asarray(caption_to_image, dtype=np.int64)
     p = get_protocol(protocol)
-    if isinstance(sims, (list, tuple)):
-        n_images = sum(s.shape[0] for s in sims)
-        fold_sims = list(sims)
-        folds = protocol_folds(protocol, c2i, n_images)
-    else:
-        n_images = sims.shape[0]
-        folds = protocol_folds(protocol, c2i, n_images)
-        S = torch.as_tensor(np.asarray(sims)) if isinstance(sims, np.ndarray) else sims
-        fold_sims = [_slice_fold(S, f_img, caps) if p.n_folds > 1 else S for f_img, caps in folds]
+    folds, fold_sims, n_images = _per_fold(sims, c2i, protocol)
     rows = []
     for (f_img, caps), S in zip(folds, fold_sims):
         rows.append(recall_metrics(S, c2i[caps] - f_img.start, tie_mode=tie_mode))
